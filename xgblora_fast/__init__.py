@@ -1,0 +1,18 @@
+"""xgblora-fast: fused rank-1 adapters and in-place merges for XGBLoRA fine-tuning.
+
+    import xgblora_fast as xf
+    y = xf.rank1_linear(x, weight, bias, a, b, scale)        # fused, autograd-aware
+    layer = xf.FastRank1Linear.from_linear(linear, alpha=1.0)
+    xf.inject(model, target_modules=["q_proj", "v_proj"])    # swap in FastRank1Linear
+    layer.merge_()                                           # W += s b a^T, then re-init
+    xf.eject(model)                                          # plain nn.Linear again
+"""
+
+from xgblora_fast.layer import FastRank1Linear
+from xgblora_fast.ops.merge import merge_
+from xgblora_fast.ops.rank1_linear import rank1_linear
+from xgblora_fast.patching import eject, inject
+
+__version__ = "0.1.0"
+
+__all__ = ["FastRank1Linear", "__version__", "eject", "inject", "merge_", "rank1_linear"]

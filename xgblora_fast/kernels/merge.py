@@ -1,0 +1,90 @@
+"""In-place rank-1 merge ``W += s * b a^T``: one read and one write of ``W``, no temporary.
+
+Bandwidth-bound: each program owns a ``BLOCK_M x BLOCK_K`` tile of ``W``, loads the matching
+slices of ``a`` and ``b``, computes ``w + (s * b_i) * a_j`` in fp32 and stores it rounded to
+``W``'s dtype, either to nearest-even or stochastically with counter-based bits
+(``rng.counter_hash`` of the logical element index ``i * K + j``).
+
+The launcher passes ``enable_fp_fusion=False`` so the multiply and the add round separately,
+exactly as in the PyTorch reference: with the same seed every backend writes the same bits.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from xgblora_fast.kernels.rng import counter_hash, round_stochastic
+
+MERGE_BLOCK_M = 16
+MERGE_BLOCK_K = 256
+MERGE_NUM_WARPS = 4
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def rank1_merge_kernel(
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    scale,
+    seed,
+    M,
+    K,
+    stride_wm,
+    stride_wk,
+    STOCHASTIC: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_k = rk < K
+    mask = mask_m[:, None] & mask_k[None, :]
+    ptrs = w_ptr + rm[:, None].to(tl.int64) * stride_wm + rk[None, :].to(tl.int64) * stride_wk
+
+    w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
+    sb = scale * b
+    value = w + sb[:, None] * a[None, :]
+
+    if STOCHASTIC:
+        idx = rm[:, None].to(tl.int64) * K + rk[None, :]
+        out = round_stochastic(value, counter_hash(seed, idx), W_DTYPE)
+    else:
+        out = value.to(W_DTYPE)
+    tl.store(ptrs, out, mask=mask)
+
+
+def rank1_merge_triton_(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, stochastic: bool, seed: int
+) -> None:
+    """Launch ``rank1_merge_kernel`` on ``weight [M, K]`` (any strides), in place.
+
+    ``a [K]`` and ``b [M]`` are fp32 or ``weight``'s dtype; arguments are validated by the caller.
+    """
+    M, K = weight.shape
+    grid = (triton.cdiv(M, MERGE_BLOCK_M), triton.cdiv(K, MERGE_BLOCK_K))
+    rank1_merge_kernel[grid](
+        weight,
+        a,
+        b,
+        float(scale),
+        int(seed),
+        M,
+        K,
+        weight.stride(0),
+        weight.stride(1),
+        STOCHASTIC=stochastic and weight.dtype != torch.float32,
+        W_DTYPE=_TL_DTYPE[weight.dtype],
+        BLOCK_M=MERGE_BLOCK_M,
+        BLOCK_K=MERGE_BLOCK_K,
+        num_warps=MERGE_NUM_WARPS,
+        enable_fp_fusion=False,
+    )
+

@@ -1,0 +1,51 @@
+"""Counter-based random bits and stochastic rounding, identical on every backend.
+
+The bits for element ``idx`` of a tensor depend only on ``(seed, idx)``, so every data-parallel
+rank that merges with the same seed writes bit-identical weights, and the PyTorch reference
+(``xgblora_fast.ops.reference.counter_hash``) reproduces them exactly.
+
+Hash: Chris Wellons' ``lowbias32`` (a bijection on 32-bit words), applied as
+``h = lowbias32(lo ^ lowbias32(lowbias32(seed) + hi))`` with ``lo``/``hi`` the 32-bit halves of
+the int64 element index.
+"""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def lowbias32(x):
+    """32-bit integer hash; ``x`` is uint32, wraps modulo 2**32."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    x = x ^ (x >> 15)
+    return x
+
+
+@triton.jit
+def counter_hash(seed, idx):
+    """uint32 random bits for int64 element indices ``idx`` under a 31-bit ``seed``."""
+    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
+    hi = (idx >> 32).to(tl.uint32)
+    key = lowbias32(seed.to(tl.uint32))
+    return lowbias32(lo ^ lowbias32(key + hi))
+
+
+@triton.jit
+def round_stochastic(value, bits, DTYPE: tl.constexpr):
+    """Round fp32 ``value`` to ``DTYPE`` (fp16/bf16) up or down with probability by distance.
+
+    ``t`` is ``value`` rounded toward zero and ``n`` the next representable number away from
+    zero; ``n`` is chosen when ``|value - t| > u * |n - t|`` with ``u = bits[31:8] / 2**24``.
+    Both differences are exact in fp32, so the decision is exact on every backend. A value past
+    the largest finite number rounds to it (``n`` is inf then and never chosen).
+    """
+    t = value.to(DTYPE, fp_downcast_rounding="rtz")
+    t_bits = t.to(tl.int16, bitcast=True)
+    n = (t_bits + 1).to(DTYPE, bitcast=True)
+    t32 = t.to(tl.float32)
+    gap = tl.abs(n.to(tl.float32) - t32)
+    u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    go_up = tl.abs(value - t32) > u * gap
+    return tl.where(go_up, n, t)

@@ -1,0 +1,160 @@
+"""``FastRank1Linear``: a drop-in ``nn.Linear`` with a rank-1 booster, merge and re-init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from xgblora_fast.ops.checks import check_backend, check_scale
+from xgblora_fast.ops.merge import merge_
+from xgblora_fast.ops.rank1_linear import rank1_linear
+
+
+class FastRank1Linear(nn.Module):
+    """``y = x W^T + bias + s (dropout(x) . a) b^T`` with ``W``/``bias`` frozen.
+
+    Parameters: ``weight [out, in]`` and ``bias [out]`` (frozen base, ``requires_grad=False``),
+    ``lora_a [in]`` (Kaiming-uniform as peft's ``lora_A``) and ``lora_b [out]`` (zeros, so a
+    fresh booster changes nothing). ``scale = alpha`` (peft's ``lora_alpha / r`` with ``r = 1``).
+
+    ``merge_()`` folds the booster into ``W`` in place and re-initialises it; ``reset_()`` re-inits
+    in place, keeping the same Parameter objects (optimizers, DDP, FSDP and torch.compile keep
+    their references). With ``active = False`` the layer runs the plain GEMM and its booster
+    gets no gradient.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        alpha: the scale ``s``.
+        dropout: dropout probability on the adapter's input (base path untouched).
+        dtype, device: of the base weight.
+        adapter_dtype: of ``lora_a``/``lora_b``; default fp32 (as peft keeps adapters).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``.
+    """
+
+    source_type: type = nn.Linear  # the module type ``eject`` restores (set by ``inject``)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        alpha: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = torch.float32,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self._init_from(base.weight, base.bias, alpha, dropout, adapter_dtype, backend)
+
+    def _init_from(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        alpha: float,
+        dropout: float,
+        adapter_dtype: torch.dtype | None,
+        backend: str,
+    ) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        adapter_dtype = adapter_dtype or weight.dtype
+        kw = {"device": weight.device, "dtype": adapter_dtype}
+        self.lora_a = nn.Parameter(torch.empty(self.in_features, **kw))
+        self.lora_b = nn.Parameter(torch.empty(self.out_features, **kw))
+        self.alpha = check_scale(alpha)
+        self.dropout = dropout
+        self.backend = check_backend(backend)
+        self.active = True
+        self.reset_()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = torch.float32,
+        backend: str = "auto",
+    ) -> FastRank1Linear:
+        """Wrap ``linear``: the same ``weight``/``bias`` Parameter objects, frozen, no copy."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from(linear.weight, linear.bias, alpha, dropout, adapter_dtype, backend)
+        return layer
+
+    @property
+    def scale(self) -> float:
+        """The ``s`` in ``y = x W^T + bias + s (x.a) b^T``."""
+        return self.alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return F.linear(x, self.weight, self.bias)
+        return rank1_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_a,
+            self.lora_b,
+            self.alpha,
+            backend=self.backend,
+            dropout=self.dropout,
+            training=self.training,
+        )
+
+    @torch.no_grad()
+    def reset_(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise the booster in place: ``a`` Kaiming-uniform (bound 1/sqrt(in)), ``b = 0``.
+
+        The bound matches peft's ``kaiming_uniform_(lora_A, a=sqrt(5))`` for ``r = 1``.
+        """
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+        self.lora_a.uniform_(-bound, bound, generator=generator)
+        self.lora_b.zero_()
+
+    @torch.no_grad()
+    def merge_(self, rounding: str = "nearest", seed: int | None = None) -> None:
+        """``W += s b a^T`` in place (no temporary of W's size), then ``reset_()``."""
+        merge_(self.weight, self.lora_a, self.lora_b, self.alpha, rounding, seed, self.backend)
+        self.reset_()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A copy of ``W + s b a^T`` in W's dtype (round-to-nearest); the layer is unchanged."""
+        weight = self.weight.detach().clone()
+        merge_(weight, self.lora_a, self.lora_b, self.alpha, "nearest", None, self.backend)
+        return weight
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the merged weight (this layer is left unchanged)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        linear.weight.copy_(self.merged_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, alpha={self.alpha}, dropout={self.dropout}, "
+            f"active={self.active}, backend={self.backend!r}"
+        )

@@ -1,0 +1,1 @@
+"""Operators: argument checks, the PyTorch reference path and the backend dispatch."""

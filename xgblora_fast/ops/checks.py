@@ -1,0 +1,147 @@
+"""Argument validation shared by every op: clear errors before any kernel runs.
+
+Only metadata is inspected on the hot path (shapes, dtypes, devices), so the checks are free
+and work on fake tensors under ``torch.compile``. The merge additionally checks the values of
+its small vectors, because a merge must never write NaN/Inf into a weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_float_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
+
+
+def _check_vector(name: str, t: torch.Tensor, length: int, what: str) -> None:
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(
+            f"{name} must be a vector of length {length} ({what}), got shape {tuple(t.shape)}"
+        )
+
+
+def _check_same_device(tensors: dict[str, torch.Tensor | None]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def check_scale(scale: object) -> float:
+    """The scale ``s`` as a finite Python float."""
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a Python number, not a tensor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_rank1_linear_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: object,
+) -> float:
+    """Validate ``rank1_linear`` inputs; return the scale as a float.
+
+    ``x [..., K]`` and ``weight [M, K]`` share a dtype (fp32/fp16/bf16); ``a [K]``, ``b [M]`` are
+    fp32 or ``weight``'s dtype; ``bias [M]`` is ``weight``'s dtype or fp32; one device.
+    """
+    for name, t in (("x", x), ("weight", weight), ("a", a), ("b", b)):
+        _check_tensor(name, t)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {weight.dim()}-D")
+    M, K = weight.shape
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects "
+            f"in_features={K} (weight shape {tuple(weight.shape)})"
+        )
+    _check_vector("a", a, K, "in_features")
+    _check_vector("b", b, M, "out_features")
+    if bias is not None:
+        _check_vector("bias", bias, M, "out_features")
+    _check_float_dtype("weight", weight, WEIGHT_DTYPES)
+    _check_float_dtype("x", x, WEIGHT_DTYPES)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
+    adapter_dtypes = tuple(dict.fromkeys((torch.float32, weight.dtype)))
+    _check_float_dtype("a", a, adapter_dtypes)
+    _check_float_dtype("b", b, adapter_dtypes)
+    if bias is not None:
+        _check_float_dtype("bias", bias, adapter_dtypes)
+    _check_same_device({"x": x, "weight": weight, "bias": bias, "a": a, "b": b})
+    return check_scale(scale)
+
+
+def check_merge_args(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: object, rounding: object
+) -> float:
+    """Validate ``merge_`` inputs, values included; return the scale as a float.
+
+    Raises before anything is written when the update ``s * b a^T`` would be NaN/Inf, or could
+    push ``weight`` past its dtype's largest finite value.
+    """
+    for name, t in (("weight", weight), ("a", a), ("b", b)):
+        _check_tensor(name, t)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {weight.dim()}-D")
+    M, K = weight.shape
+    _check_vector("a", a, K, "in_features")
+    _check_vector("b", b, M, "out_features")
+    _check_float_dtype("weight", weight, WEIGHT_DTYPES)
+    adapter_dtypes = tuple(dict.fromkeys((torch.float32, weight.dtype)))
+    _check_float_dtype("a", a, adapter_dtypes)
+    _check_float_dtype("b", b, adapter_dtypes)
+    _check_same_device({"weight": weight, "a": a, "b": b})
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    s = check_scale(scale)
+    if weight.numel() == 0:
+        return s
+    a_max = a.detach().abs().max().float()
+    b_max = b.detach().abs().max().float()
+    if not (torch.isfinite(a_max) and torch.isfinite(b_max)):
+        bad = "a" if not torch.isfinite(a_max) else "b"
+        raise ValueError(f"merge refused: {bad} contains NaN/Inf; weight left unchanged")
+    bound = abs(s) * float(a_max) * float(b_max)
+    limit = torch.finfo(weight.dtype).max
+    if not math.isfinite(bound) or bound > limit / 2:
+        # Rare, huge updates: check the exact result before writing anything.
+        w_max = float(weight.detach().abs().max())
+        if not math.isfinite(bound + w_max) or bound + w_max >= limit:
+            raise ValueError(
+                f"merge refused: |s * b a^T| up to {bound:.3g} could overflow {weight.dtype} "
+                f"(largest finite {limit:.3g}); weight left unchanged"
+            )
+    return s

@@ -1,0 +1,226 @@
+"""``y = x W^T + bias + s (x.a) b^T`` as a ``torch.library`` custom op with autograd.
+
+Two custom ops (forward, backward) with fake implementations, so ``torch.compile(fullgraph=True)``
+traces through them without graph breaks; ``register_autograd`` ties them together. Each op
+dispatches at run time to the Triton kernels (``kernels/rank1_gemm.py``,
+``kernels/rank1_reduce.py``), the CUDA C++ extension, or the PyTorch reference.
+
+Saved for backward: ``x``, ``u = x.a`` (N floats), ``a``, ``b`` and ``W`` (a reference, not a
+copy). Nothing N x M. With adapter dropout, the dropped input ``x_d`` is saved as well (as peft
+does) and the rank-1 part of ``dx`` flows back through ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from xgblora_fast.ops import reference
+from xgblora_fast.ops._native import native_module
+from xgblora_fast.ops.backend import resolve_backend
+from xgblora_fast.ops.checks import check_backend, check_rank1_linear_args
+
+_EMPTY = (0,)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(_EMPTY)
+
+
+def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
+    from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
+
+    if x_adapter is None:
+        return rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
+    u = x_adapter.float() @ a.float()
+    y, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
+    return y, u
+
+
+def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
+    from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
+    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
+
+    dx = da = db = dbias = dx_adapter = None
+    v = None
+    if need_dx:
+        # dx = dy @ W (+ s v a^T): the forward kernel over dy with W's strides swapped.
+        fused = x_adapter is None
+        dx, v = rank1_gemm_triton(dy, weight.t(), None, scale, vin=b, vout=a if fused else None)
+        if not fused:
+            dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
+    if need_dab:
+        if v is None:
+            v = dy.float() @ b.float()
+        xa = x if x_adapter is None else x_adapter
+        da, _ = weighted_colsum_triton(xa, v, with_colsum=False)
+        da.mul_(scale)
+        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
+        db.mul_(scale)
+    elif need_dbias:
+        dbias = dy.float().sum(0)
+    return dx, da, db, dbias, dx_adapter
+
+
+def _forward_cuda(x, weight, bias, a, b, scale, x_adapter):
+    return native_module().rank1_linear_fwd(x, weight, bias, a, b, scale, x_adapter)
+
+
+def _backward_cuda(*args):
+    return native_module().rank1_linear_bwd(*args)
+
+
+_FORWARD = {
+    "torch": reference.rank1_linear_forward_reference,
+    "triton": _forward_triton,
+    "cuda": _forward_cuda,
+}
+_BACKWARD = {
+    "torch": reference.rank1_linear_backward_reference,
+    "triton": _backward_triton,
+    "cuda": _backward_cuda,
+}
+
+
+@torch.library.custom_op("xgblora_fast::rank1_linear_fwd", mutates_args=())
+def rank1_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    x_adapter: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on 2-D ``x [N, K]``: returns ``(y [N, M] in x.dtype, u [N] fp32)``."""
+    impl = _FORWARD[resolve_backend(backend, x.device)]
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0,), dtype=torch.float32)
+    return impl(x, weight, bias, a, b, scale, x_adapter)
+
+
+@rank1_linear_fwd.register_fake
+def _(x, weight, bias, a, b, scale, x_adapter, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty(
+        (x.shape[0],), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("xgblora_fast::rank1_linear_bwd", mutates_args=())
+def rank1_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u: torch.Tensor,
+    scale: float,
+    x_adapter: torch.Tensor | None,
+    need_dx: bool,
+    need_dab: bool,
+    need_dbias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, da, db, dbias, dx_adapter)``; empty tensors stand for "not needed"."""
+    impl = _BACKWARD[resolve_backend(backend, dy.device)]
+    if dy.shape[0] == 0:
+        outs = reference.rank1_linear_backward_reference(
+            dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
+        )
+    else:
+        outs = impl(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias)
+    dx, da, db, dbias, dx_adapter = outs
+    return (
+        dx if dx is not None else _empty(x),
+        da.to(a.dtype) if da is not None else _empty(a),
+        db.to(b.dtype) if db is not None else _empty(b),
+        dbias if dbias is not None else _empty(dy).float(),
+        dx_adapter if dx_adapter is not None else _empty(x),
+    )
+
+
+@rank1_linear_bwd.register_fake
+def _(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias, backend):
+    with_adapter = need_dx and x_adapter is not None
+    return (
+        torch.empty_like(x) if need_dx else _empty(x),
+        torch.empty_like(a) if need_dab else _empty(a),
+        torch.empty_like(b) if need_dab else _empty(b),
+        dy.new_empty((dy.shape[1],), dtype=torch.float32) if need_dbias else _empty(dy).float(),
+        torch.empty_like(x) if with_adapter else _empty(x),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, scale, x_adapter, backend = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, a, b, u, x_adapter)
+    ctx.scale = scale
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _du):
+    x, weight, a, b, u, x_adapter = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx = need[0] or (x_adapter is not None and need[6])
+    need_dab = need[3] or need[4]
+    need_dbias = ctx.bias_dtype is not None and need[2]
+    dx, da, db, dbias, dx_adapter = rank1_linear_bwd(
+        dy, x, weight, a, b, u, ctx.scale, x_adapter, need_dx, need_dab, need_dbias, ctx.backend
+    )
+    # A trainable base weight is unusual for XGBLoRA but supported: dW = dy^T x (plain GEMM).
+    dweight = dy.t() @ x if need[1] else None
+    return (
+        dx if need[0] else None,
+        dweight,
+        dbias.to(ctx.bias_dtype) if need_dbias else None,
+        da if need[3] else None,
+        db if need[4] else None,
+        None,
+        dx_adapter if x_adapter is not None and need[6] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "xgblora_fast::rank1_linear_fwd", _backward, setup_context=_setup_context
+)
+
+
+def rank1_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    backend: str = "auto",
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """Fused ``y = x W^T + bias + s ((dropout(x)) . a) b^T``, differentiable in x, a, b, bias.
+
+    Args:
+        x: ``[..., K]`` fp32/fp16/bf16 (any leading dimensions, any strides).
+        weight: ``[M, K]``, x's dtype; usually frozen (its gradient is computed if required).
+        bias: ``[M]`` or None.
+        a: ``[K]``, b: ``[M]``: the rank-1 adapter, fp32 or weight's dtype.
+        scale: the float ``s``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``.
+        dropout: probability of dropping an element of the adapter's input (not the base's).
+        training: apply dropout only when True (like ``F.dropout``).
+    Returns:
+        ``[..., M]`` in x's dtype.
+    """
+    scale = check_rank1_linear_args(x, weight, bias, a, b, scale)
+    check_backend(backend)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    x_adapter = F.dropout(x2d, dropout, training) if dropout > 0 and training else None
+    y, _ = rank1_linear_fwd(x2d, weight, bias, a, b, scale, x_adapter, backend)
+    return y.reshape(*lead, weight.shape[0])
