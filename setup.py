@@ -1,4 +1,4 @@
-"""Build script: metadata lives in pyproject.toml; this file exists for native extensions (csrc/)."""
+"""Build script: metadata lives in pyproject.toml; this file is for native extensions."""
 
 from setuptools import setup
 

@@ -1,11 +1,11 @@
 """xgblora-fast: fused rank-1 adapters and in-place merges for XGBLoRA fine-tuning.
 
-    import xgblora_fast as xf
-    y = xf.rank1_linear(x, weight, bias, a, b, scale)        # fused, autograd-aware
-    layer = xf.FastRank1Linear.from_linear(linear, alpha=1.0)
-    xf.inject(model, target_modules=["q_proj", "v_proj"])    # swap in FastRank1Linear
-    layer.merge_()                                           # W += s b a^T, then re-init
-    xf.eject(model)                                          # plain nn.Linear again
+import xgblora_fast as xf
+y = xf.rank1_linear(x, weight, bias, a, b, scale)        # fused, autograd-aware
+layer = xf.FastRank1Linear.from_linear(linear, alpha=1.0)
+xf.inject(model, target_modules=["q_proj", "v_proj"])    # swap in FastRank1Linear
+layer.merge_()                                           # W += s b a^T, then re-init
+xf.eject(model)                                          # plain nn.Linear again
 """
 
 from xgblora_fast.layer import FastRank1Linear

@@ -62,7 +62,12 @@ def rank1_merge_kernel(
 
 
 def rank1_merge_triton_(
-    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, stochastic: bool, seed: int
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    stochastic: bool,
+    seed: int,
 ) -> None:
     """Launch ``rank1_merge_kernel`` on ``weight [M, K]`` (any strides), in place.
 
@@ -87,4 +92,3 @@ def rank1_merge_triton_(
         num_warps=MERGE_NUM_WARPS,
         enable_fp_fusion=False,
     )
-

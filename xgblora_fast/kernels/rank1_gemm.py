@@ -132,7 +132,7 @@ def rank1_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if COMPUTE_ROWDOT:
+    if COMPUTE_ROWDOT:  # noqa: SIM102 (a constexpr test and a runtime test)
         if pid_m == 0:
             tl.store(rowdot_ptr + rn, rowdot, mask=mask_n)
     if ROWDOT_GIVEN:

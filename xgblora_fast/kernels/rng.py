@@ -12,6 +12,7 @@ the int64 element index.
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def lowbias32(x):
     """32-bit integer hash; ``x`` is uint32, wraps modulo 2**32."""
