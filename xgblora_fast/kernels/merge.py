@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xgblora_fast.kernels.rng import counter_hash, round_stochastic
+from xgblora_fast.kernels.rng import counter_hash, round_nearest, round_stochastic
 
 MERGE_BLOCK_M = 16
 MERGE_BLOCK_K = 256
@@ -57,7 +57,7 @@ def rank1_merge_kernel(
         idx = rm[:, None].to(tl.int64) * K + rk[None, :]
         out = round_stochastic(value, counter_hash(seed, idx), W_DTYPE)
     else:
-        out = value.to(W_DTYPE)
+        out = round_nearest(value, W_DTYPE)
     tl.store(ptrs, out, mask=mask)
 
 

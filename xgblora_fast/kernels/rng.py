@@ -34,6 +34,38 @@ def counter_hash(seed, idx):
 
 
 @triton.jit
+def round_nearest(value, DTYPE: tl.constexpr):
+    """fp32 ``value`` rounded to nearest-even in ``DTYPE`` (finite inputs).
+
+    bf16 uses integer arithmetic on the fp32 bits (exact, and the same on every target: the
+    Triton interpreter truncates fp32 -> bf16 casts instead of rounding them).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(DTYPE)
+
+
+@triton.jit
+def round_toward_zero(value, DTYPE: tl.constexpr):
+    """fp32 ``value`` rounded toward zero to fp16/bf16 (past the largest finite: to it).
+
+    Built from integer ops and a round-to-nearest cast, which behave identically in the
+    interpreter and on GPUs (the interpreter's own rtz cast overflows to NaN).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        nearest = value.to(DTYPE)
+        overshoot = tl.abs(nearest.to(tl.float32)) > tl.abs(value)
+        stepped = (nearest.to(tl.int16, bitcast=True) - 1).to(DTYPE, bitcast=True)
+        return tl.where(overshoot, stepped, nearest)
+
+
+@triton.jit
 def round_stochastic(value, bits, DTYPE: tl.constexpr):
     """Round fp32 ``value`` to ``DTYPE`` (fp16/bf16) up or down with probability by distance.
 
@@ -42,9 +74,8 @@ def round_stochastic(value, bits, DTYPE: tl.constexpr):
     Both differences are exact in fp32, so the decision is exact on every backend. A value past
     the largest finite number rounds to it (``n`` is inf then and never chosen).
     """
-    t = value.to(DTYPE, fp_downcast_rounding="rtz")
-    t_bits = t.to(tl.int16, bitcast=True)
-    n = (t_bits + 1).to(DTYPE, bitcast=True)
+    t = round_toward_zero(value, DTYPE)
+    n = (t.to(tl.int16, bitcast=True) + 1).to(DTYPE, bitcast=True)
     t32 = t.to(tl.float32)
     gap = tl.abs(n.to(tl.float32) - t32)
     u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)

@@ -109,8 +109,9 @@ def check_merge_args(
 ) -> float:
     """Validate ``merge_`` inputs, values included; return the scale as a float.
 
-    Raises before anything is written when the update ``s * b a^T`` would be NaN/Inf, or could
-    push ``weight`` past its dtype's largest finite value.
+    Raises before anything is written when the update ``s * b a^T`` would be NaN/Inf, or would
+    push ``weight`` past its dtype's largest finite value. Costs one reduction pass over ``W``
+    (``max |W|``); the exact element-wise check runs only when that bound is not enough.
     """
     for name, t in (("weight", weight), ("a", a), ("b", b)):
         _check_tensor(name, t)
@@ -129,19 +130,36 @@ def check_merge_args(
     s = check_scale(scale)
     if weight.numel() == 0:
         return s
-    a_max = a.detach().abs().max().float()
-    b_max = b.detach().abs().max().float()
-    if not (torch.isfinite(a_max) and torch.isfinite(b_max)):
-        bad = "a" if not torch.isfinite(a_max) else "b"
-        raise ValueError(f"merge refused: {bad} contains NaN/Inf; weight left unchanged")
-    bound = abs(s) * float(a_max) * float(b_max)
+    a_max = float(torch.linalg.vector_norm(a.detach().float(), float("inf")))
+    b_max = float(torch.linalg.vector_norm(b.detach().float(), float("inf")))
+    for name, value in (("a", a_max), ("b", b_max)):
+        if not math.isfinite(value):
+            raise ValueError(f"merge refused: {name} contains NaN/Inf; weight left unchanged")
+    bound = abs(s) * a_max * b_max
+    if not math.isfinite(bound):
+        raise ValueError("merge refused: s * b a^T overflows; weight left unchanged")
+    if bound == 0.0:
+        return s
+    # One reduction pass over W (no temporary): |W + s b a^T| <= |W|max + bound.
+    w_max = float(torch.linalg.vector_norm(weight.detach(), float("inf")))
+    if not math.isfinite(w_max):
+        raise ValueError("merge refused: weight already contains NaN/Inf; weight left unchanged")
     limit = torch.finfo(weight.dtype).max
-    if not math.isfinite(bound) or bound > limit / 2:
-        # Rare, huge updates: check the exact result before writing anything.
-        w_max = float(weight.detach().abs().max())
-        if not math.isfinite(bound + w_max) or bound + w_max >= limit:
-            raise ValueError(
-                f"merge refused: |s * b a^T| up to {bound:.3g} could overflow {weight.dtype} "
-                f"(largest finite {limit:.3g}); weight left unchanged"
-            )
+    if w_max + bound > limit and _merged_abs_max(weight, a, b, s) > limit:
+        raise ValueError(
+            f"merge refused: W + s b a^T would overflow {weight.dtype} (largest finite "
+            f"{limit:.4g}); weight left unchanged"
+        )
     return s
+
+
+def _merged_abs_max(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> float:
+    """Exact ``max |W + s b a^T|`` in float64, in row chunks (only for near-overflow merges)."""
+    rows = max(1, (1 << 20) // max(weight.shape[1], 1))
+    a64 = a.detach().double()
+    sb = s * b.detach().double()
+    worst = 0.0
+    for r0 in range(0, weight.shape[0], rows):
+        chunk = weight[r0 : r0 + rows].double() + sb[r0 : r0 + rows, None] * a64[None, :]
+        worst = max(worst, float(chunk.abs().max()))
+    return worst

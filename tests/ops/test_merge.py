@@ -1,0 +1,186 @@
+"""merge_: in-place W += s b a^T, nearest and stochastic rounding, bit-identical across backends."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import xgblora_fast as xf
+from xgblora_fast.kernels.rng import counter_hash as counter_hash_kernel
+from xgblora_fast.kernels.rng import round_stochastic as round_stochastic_kernel
+from xgblora_fast.ops import reference
+
+BACKENDS = ["torch", "triton"]
+LOW = [torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, *LOW]
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def make(M, K, dtype, seed, update=1.0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(M, K, generator=g).to(dtype)
+    a = torch.randn(K, generator=g) * update
+    b = torch.randn(M, generator=g)
+    return weight, a, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nearest_equals_rounded_fp32_sum(backend, dtype, record_error):
+    """Result == fl32(fl32(s*b_i) * a_j) + w_ij rounded to nearest: bits, not tolerance."""
+    weight, a, b = make(45, 301, dtype, seed=1)
+    before = weight.clone()
+    out = xf.merge_(weight, a, b, 0.37, backend=backend)
+    assert out is weight
+    sb = torch.tensor(0.37) * b
+    expected = (before.float() + sb[:, None] * a[None, :]).to(dtype)
+    assert torch.equal(bits_of(weight), bits_of(expected))
+    truth = before.double() + 0.37 * b.double()[:, None] * a.double()[None, :]
+    err = ((weight.double() - truth).abs().max() / truth.abs().max()).item()
+    record_error("merge_nearest", backend, dtype, err)
+    assert err < {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_triton_and_torch_write_the_same_bits(dtype, rounding):
+    """Same seed -> bit-identical weights on both backends, also for a transposed W view."""
+    weight, a, b = make(70, 33, dtype, seed=2, update=1e-2)
+    w_torch = weight.clone()
+    w_triton_storage = weight.t().contiguous()  # [K, M] storage, merged through a view
+    w_triton = w_triton_storage.t()
+    xf.merge_(w_torch, a, b, 1.0, rounding, seed=1234, backend="torch")
+    xf.merge_(w_triton, a, b, 1.0, rounding, seed=1234, backend="triton")
+    assert torch.equal(bits_of(w_torch), bits_of(w_triton.contiguous()))
+    assert not torch.equal(w_torch, weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_stochastic_same_seed_same_bits_other_seed_other_bits(backend, dtype):
+    weight, a, b = make(40, 50, dtype, seed=3, update=1e-2)
+    results = []
+    for seed in (7, 7, 8):
+        w = weight.clone()
+        xf.merge_(w, a, b, 1.0, "stochastic", seed=seed, backend=backend)
+        results.append(bits_of(w))
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_stochastic_rounding_is_unbiased_where_nearest_loses_the_update(dtype):
+    """200 merges of an update below half an ulp: nearest keeps nothing, stochastic ~ all of it."""
+    M, K, merges = 64, 256, 200
+    g = torch.Generator().manual_seed(4)
+    weight0 = (1.0 + torch.rand(M, K, generator=g)).to(dtype)  # in [1, 2): ulp is constant
+    ulp = torch.finfo(dtype).eps
+    a = torch.full((K,), 0.1 * ulp)  # each merge adds 0.1 ulp
+    b = torch.ones(M)
+    w_near, w_sr = weight0.clone(), weight0.clone()
+    for i in range(merges):
+        xf.merge_(w_near, a, b, 1.0, "nearest", backend="torch")
+        xf.merge_(w_sr, a, b, 1.0, "stochastic", seed=i, backend="torch")
+    truth = weight0.double() + merges * 0.1 * ulp
+    assert torch.equal(w_near, weight0)  # round-to-nearest lost every update
+    mean_err = (w_sr.double() - truth).mean().item()
+    # Each element's error is a sum of 200 independent zero-mean roundings (sd ~ 0.3 ulp each).
+    assert abs(mean_err) < 0.05 * ulp, mean_err
+    gained = (w_sr.double() - weight0.double()).mean().item()
+    assert gained == pytest.approx(merges * 0.1 * ulp, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_stochastic_rounding_probability_matches_distance(dtype):
+    """One value 30% of the way between two neighbours rounds up ~30% of the time."""
+    lo = torch.tensor(1.0)
+    ulp = torch.finfo(dtype).eps
+    value = torch.full((200_000,), (lo + 0.3 * ulp).item())
+    bits = reference.counter_hash(99, torch.arange(value.numel()))
+    rounded = reference.round_stochastic(value, bits, dtype).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + ulp}
+    assert (rounded > 1.0).float().mean().item() == pytest.approx(0.3, abs=0.005)
+
+
+@triton.jit
+def _hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 64)
+    mask = offs < n
+    idx = tl.load(idx_ptr + offs, mask=mask)
+    bits = counter_hash_kernel(seed, idx)
+    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
+    value = tl.load(value_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, round_stochastic_kernel(value, bits, DTYPE), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
+    """Indices past 2**32 (high word used), edge values: max finite, beyond it, subnormal, -0."""
+    idx = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62])
+    fmax = torch.finfo(dtype).max
+    beyond = min(2.0 * fmax, torch.finfo(torch.float32).max)  # finite fp32, past DTYPE's max
+    tiny = torch.finfo(dtype).smallest_normal
+    value = torch.tensor(
+        [1.0 / 3, -2.7, fmax, beyond, -beyond, tiny / 3, -tiny / 5, -0.0, 12345.678]
+    )
+    bits = torch.empty(idx.numel(), dtype=torch.int64)
+    out = torch.empty(idx.numel(), dtype=dtype)
+    tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    _hash_and_round_kernel[(1,)](idx, value, bits, out, 2024, idx.numel(), DTYPE=tl_dtype)
+    expected_bits = reference.counter_hash(2024, idx)
+    assert torch.equal(bits, expected_bits)
+    assert len(set(expected_bits.tolist())) == idx.numel()
+    expected = reference.round_stochastic(value, expected_bits, dtype)
+    assert torch.equal(bits_of(out), bits_of(expected))
+    assert torch.isfinite(expected.float()).all()  # past the largest finite: clamps to it
+    assert expected[2].item() == fmax and expected[3].item() == fmax and expected[4] == -fmax
+
+
+def test_counter_hash_bits_are_uniform():
+    bits = reference.counter_hash(5, torch.arange(1 << 16))
+    u = (bits >> 8).double() / 2**24
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    hist = torch.histc(u, bins=16, min=0, max=1)
+    assert (hist / hist.sum() - 1 / 16).abs().max().item() < 0.005
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "poison",
+    ["nan_a", "inf_b", "inf_scale_product", "overflow", "nan_in_weight"],
+)
+def test_merge_that_would_write_nan_or_inf_refuses_and_leaves_weight_untouched(backend, poison):
+    weight, a, b = make(12, 20, torch.float16, seed=6)
+    if poison == "nan_a":
+        a[3] = float("nan")
+    elif poison == "inf_b":
+        b[0] = float("inf")
+    elif poison == "inf_scale_product":
+        a.fill_(1e30)
+        b.fill_(1e30)  # finite vectors whose product overflows even fp32
+    elif poison == "nan_in_weight":
+        weight[5, 7] = float("nan")
+    else:
+        weight[0, 0] = 60000.0
+        a.fill_(100.0)
+        b.fill_(100.0)
+    before = weight.clone()
+    with pytest.raises(ValueError, match="merge refused"):
+        xf.merge_(weight, a, b, 1.0, backend=backend)
+    assert torch.equal(bits_of(weight), bits_of(before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_near_overflow_merge_that_stays_finite_is_applied(backend):
+    """|W|max + |update|max exceeds the fp16 range, but not where they meet: exact check passes."""
+    weight = torch.zeros(4, 4, dtype=torch.float16)
+    weight[0, 0] = 60000.0
+    a = torch.tensor([0.0, 100.0, 100.0, 100.0])
+    b = torch.full((4,), 100.0)  # the 10000 update misses column 0, where the 60000 sits
+    xf.merge_(weight, a, b, 1.0, backend=backend)
+    assert weight[0, 0].item() == 60000.0
+    assert weight[0, 1].item() == 10000.0
+    assert torch.isfinite(weight.float()).all()

@@ -1,0 +1,197 @@
+"""rank1_linear: every backend against a float64 reference, outputs and every gradient."""
+
+import pytest
+import torch
+
+import xgblora_fast as xf
+from xgblora_fast.ops.rank1_linear import rank1_linear_fwd
+
+# Normwise relative tolerance by dtype: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (leading dims of x, K, M): N=1, sizes that divide no block size, 3-D input, a larger square.
+SHAPES = [
+    ((1,), 33, 17),
+    ((37,), 70, 50),
+    ((3, 11), 45, 66),
+    ((64,), 96, 80),
+]
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    weight = (torch.randn(M, K, generator=g) / K**0.5).to(dtype)
+    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
+    a = torch.randn(K, generator=g).to(adapter_dtype)
+    b = torch.randn(M, generator=g).to(adapter_dtype)
+    dy = torch.randn(*lead, M, generator=g).to(dtype)
+    return x, weight, bias, a, b, dy
+
+
+def float64_reference(x, weight, bias, a, b, scale, dy):
+    """Outputs and gradients in float64 via autograd on the plain formula."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    x64, a64, b64 = leaves
+    bias64 = bias.detach().double().requires_grad_() if bias is not None else None
+    y = x64 @ weight.double().t() + scale * (x64 @ a64)[..., None] * b64
+    if bias64 is not None:
+        y = y + bias64
+    y.backward(dy.double())
+    grads = {"x": x64.grad, "a": a64.grad, "b": b64.grad}
+    if bias64 is not None:
+        grads["bias"] = bias64.grad
+    return y.detach(), grads
+
+
+def run_op(x, weight, bias, a, b, scale, dy, backend):
+    leaves = {"x": x, "a": a, "b": b} | ({"bias": bias} if bias is not None else {})
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    y = xf.rank1_linear(
+        leaves["x"], weight, leaves.get("bias"), leaves["a"], leaves["b"], scale, backend=backend
+    )
+    y.backward(dy)
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64_reference(backend, dtype, shape, with_bias, record_error):
+    lead, K, M = shape
+    x, weight, bias, a, b, dy = make_inputs(lead, K, M, dtype, with_bias, seed=K * M)
+    scale = 0.75
+    y, grads = run_op(x, weight, bias, a, b, scale, dy, backend)
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, scale, dy)
+
+    assert y.shape == (*lead, M) and y.dtype == dtype
+    err = rel_err(y, y_ref)
+    record_error("forward", backend, dtype, err)
+    assert err < TOL[dtype], f"forward error {err:.2e}"
+    assert grads.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        got = grads[name]
+        assert got.shape == ref.shape
+        err = rel_err(got, ref)
+        record_error(f"grad_{name}", backend, dtype, err)
+        assert err < TOL[dtype], f"grad of {name}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """x as a strided slice, W as a transposed view, strided a and b: same as contiguous."""
+    g = torch.Generator().manual_seed(7)
+    K, M = 40, 27
+    x_big = torch.randn(2, 19, 2 * K, generator=g)
+    x = x_big[..., ::2]  # last-dim stride 2
+    w_t = torch.randn(K, M, generator=g) / K**0.5
+    weight = w_t.t()  # [M, K] with strides (1, M)
+    a = torch.randn(2 * K, generator=g)[::2]
+    b = torch.randn(M, 3, generator=g)[:, 1]
+    bias = torch.randn(M, generator=g)
+    dy = torch.randn(2, 19, M, generator=g)
+    assert not x.is_contiguous() and not weight.is_contiguous() and not a.is_contiguous()
+    y, grads = run_op(x, weight, bias, a, b, 1.3, dy, backend)
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 1.3, dy)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_base_with_fp32_adapters_and_bf16_adapters(backend):
+    """bf16 base with fp32 adapters (peft's layout) and with bf16 adapters: grads keep dtypes."""
+    for adapter_dtype in (torch.float32, torch.bfloat16):
+        x, weight, bias, a, b, dy = make_inputs(
+            (29,), 52, 36, torch.bfloat16, True, seed=3, adapter_dtype=adapter_dtype
+        )
+        y, grads = run_op(x, weight, bias, a, b, 0.5, dy, backend)
+        y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.5, dy)
+        assert grads["a"].dtype == adapter_dtype and grads["b"].dtype == adapter_dtype
+        assert grads["x"].dtype == torch.bfloat16
+        assert rel_err(y, y_ref) < 1e-2
+        for name, ref in grads_ref.items():
+            assert rel_err(grads[name], ref) < 1e-2, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_requested_gradients(backend):
+    """x without grad: only adapter grads are produced (no dx GEMM), and they are right."""
+    x, weight, bias, a, b, dy = make_inputs((21,), 34, 30, torch.float32, False, seed=11)
+    a_leaf = a.clone().requires_grad_()
+    b_leaf = b.clone().requires_grad_()
+    y = xf.rank1_linear(x, weight, None, a_leaf, b_leaf, 2.0, backend=backend)
+    y.backward(dy)
+    _, grads_ref = float64_reference(x, weight, None, a, b, 2.0, dy)
+    assert x.grad is None
+    assert rel_err(a_leaf.grad, grads_ref["a"]) < 1e-5
+    assert rel_err(b_leaf.grad, grads_ref["b"]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_base_weight_gets_its_gradient(backend):
+    x, weight, bias, a, b, dy = make_inputs((9,), 20, 24, torch.float32, True, seed=5)
+    w_leaf = weight.clone().requires_grad_()
+    y = xf.rank1_linear(x, w_leaf, bias, a, b, 1.0, backend=backend)
+    y.backward(dy)
+    expected = dy.double().t() @ x.double()
+    assert rel_err(w_leaf.grad, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_only_touches_the_adapter_branch(backend):
+    """Train-mode dropout: y = base + s ((x*mask/(1-p)) a) b^T with the mask torch drew."""
+    x, weight, bias, a, b, _ = make_inputs((17,), 30, 22, torch.float32, True, seed=13)
+    p = 0.4
+    torch.manual_seed(123)
+    y = xf.rank1_linear(x, weight, bias, a, b, 1.5, backend=backend, dropout=p)
+    torch.manual_seed(123)
+    x_dropped = torch.nn.functional.dropout(x, p, training=True)
+    expected = x.double() @ weight.double().t() + bias.double()
+    expected += 1.5 * (x_dropped.double() @ a.double())[:, None] * b.double()
+    assert rel_err(y, expected) < 1e-5
+    y_eval = xf.rank1_linear(x, weight, bias, a, b, 1.5, backend=backend, dropout=p, training=False)
+    y_plain = xf.rank1_linear(x, weight, bias, a, b, 1.5, backend=backend)
+    assert torch.equal(y_eval, y_plain)
+    assert rel_err(y, y_plain.double()) > 1e-3  # dropout really acted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_gradients(backend):
+    x, weight, bias, a, b, dy = make_inputs((15,), 26, 18, torch.float32, False, seed=17)
+    p = 0.3
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    torch.manual_seed(9)
+    xf.rank1_linear(leaves[0], weight, None, leaves[1], leaves[2], 0.9, backend, p).backward(dy)
+    ref = [t.double().requires_grad_() for t in (x, a, b)]
+    torch.manual_seed(9)
+    x_dropped = torch.nn.functional.dropout(ref[0], p, training=True)
+    y_ref = ref[0] @ weight.double().t() + 0.9 * (x_dropped @ ref[1])[:, None] * ref[2]
+    y_ref.backward(dy.double())
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 12, requires_grad=True)
+    weight, a, b = torch.randn(8, 12), torch.randn(12, requires_grad=True), torch.randn(8)
+    y = xf.rank1_linear(x, weight, None, a, b, 1.0, backend=backend)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12) and torch.equal(a.grad, torch.zeros(12))
+
+
+def test_custom_op_registration_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    x, weight, bias, a, b, _ = make_inputs((6,), 10, 12, torch.float32, True, seed=1)
+    a.requires_grad_()
+    b.requires_grad_()
+    torch.library.opcheck(rank1_linear_fwd, (x, weight, bias, a, b, 0.5, None, "torch"))
