@@ -13,7 +13,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) numpy
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -8,6 +8,8 @@ layer.merge_()                                           # W += s b a^T, then re
 xf.eject(model)                                          # plain nn.Linear again
 """
 
+from xgblora_fast.boosting import Booster, XGBLoRAConfig
+from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
 from xgblora_fast.layer import FastRank1Linear
 from xgblora_fast.ops.merge import merge_
 from xgblora_fast.ops.rank1_linear import rank1_linear
@@ -15,4 +17,15 @@ from xgblora_fast.patching import eject, inject
 
 __version__ = "0.1.0"
 
-__all__ = ["FastRank1Linear", "__version__", "eject", "inject", "merge_", "rank1_linear"]
+__all__ = [
+    "Booster",
+    "FastRank1Linear",
+    "XGBLoRAConfig",
+    "__version__",
+    "eject",
+    "inject",
+    "load_checkpoint",
+    "merge_",
+    "rank1_linear",
+    "save_checkpoint",
+]

@@ -13,6 +13,9 @@ from xgblora_fast.ops.merge import merge_
 from xgblora_fast.ops.rank1_linear import rank1_linear
 
 
+INITS = ("kaiming", "gaussian")
+
+
 class FastRank1Linear(nn.Module):
     """``y = x W^T + bias + s (dropout(x) . a) b^T`` with ``W``/``bias`` frozen.
 
@@ -32,6 +35,8 @@ class FastRank1Linear(nn.Module):
         dtype, device: of the base weight.
         adapter_dtype: of ``lora_a``/``lora_b``; default fp32 (as peft keeps adapters).
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``.
+        init: how ``reset_`` draws ``a``: ``"kaiming"`` (uniform, bound 1/sqrt(in), peft's
+            ``lora_A`` init) or ``"gaussian"`` (normal, std 1/sqrt(in)).
     """
 
     source_type: type = nn.Linear  # the module type ``eject`` restores (set by ``inject``)
@@ -47,10 +52,11 @@ class FastRank1Linear(nn.Module):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = torch.float32,
         backend: str = "auto",
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
-        self._init_from(base.weight, base.bias, alpha, dropout, adapter_dtype, backend)
+        self._init_from(base.weight, base.bias, alpha, dropout, adapter_dtype, backend, init)
 
     def _init_from(
         self,
@@ -60,9 +66,12 @@ class FastRank1Linear(nn.Module):
         dropout: float,
         adapter_dtype: torch.dtype | None,
         backend: str,
+        init: str,
     ) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
@@ -76,6 +85,7 @@ class FastRank1Linear(nn.Module):
         self.alpha = check_scale(alpha)
         self.dropout = dropout
         self.backend = check_backend(backend)
+        self.init = init
         self.active = True
         self.reset_()
 
@@ -87,11 +97,12 @@ class FastRank1Linear(nn.Module):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = torch.float32,
         backend: str = "auto",
+        init: str = "kaiming",
     ) -> FastRank1Linear:
         """Wrap ``linear``: the same ``weight``/``bias`` Parameter objects, frozen, no copy."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_from(linear.weight, linear.bias, alpha, dropout, adapter_dtype, backend)
+        layer._init_from(linear.weight, linear.bias, alpha, dropout, adapter_dtype, backend, init)
         return layer
 
     @property
@@ -116,19 +127,33 @@ class FastRank1Linear(nn.Module):
 
     @torch.no_grad()
     def reset_(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialise the booster in place: ``a`` Kaiming-uniform (bound 1/sqrt(in)), ``b = 0``.
+        """Re-initialise the booster in place: ``a`` random (see ``init``), ``b = 0``.
 
-        The bound matches peft's ``kaiming_uniform_(lora_A, a=sqrt(5))`` for ``r = 1``.
+        The Kaiming bound 1/sqrt(in) matches peft's ``kaiming_uniform_(lora_A, a=sqrt(5))`` for
+        ``r = 1``. Pass a seeded ``generator`` to draw the same ``a`` on every rank.
         """
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
-        self.lora_a.uniform_(-bound, bound, generator=generator)
+        width = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+        if self.init == "kaiming":
+            self.lora_a.uniform_(-width, width, generator=generator)
+        else:
+            self.lora_a.normal_(0.0, width, generator=generator)
         self.lora_b.zero_()
 
     @torch.no_grad()
-    def merge_(self, rounding: str = "nearest", seed: int | None = None) -> None:
-        """``W += s b a^T`` in place (no temporary of W's size), then ``reset_()``."""
-        merge_(self.weight, self.lora_a, self.lora_b, self.alpha, rounding, seed, self.backend)
-        self.reset_()
+    def merge_(
+        self,
+        rounding: str = "nearest",
+        seed: int | None = None,
+        step_size: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
+
+        ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
+        """
+        scale = step_size * self.alpha
+        merge_(self.weight, self.lora_a, self.lora_b, scale, rounding, seed, self.backend)
+        self.reset_(generator)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -156,5 +181,5 @@ class FastRank1Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, alpha={self.alpha}, dropout={self.dropout}, "
-            f"active={self.active}, backend={self.backend!r}"
+            f"active={self.active}, backend={self.backend!r}, init={self.init!r}"
         )

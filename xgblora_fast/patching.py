@@ -53,16 +53,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _wrap(module: nn.Module, alpha: float, dropout: float, backend: str) -> FastRank1Linear:
-    if isinstance(module, nn.Linear):
-        layer = FastRank1Linear.from_linear(module, alpha=alpha, dropout=dropout, backend=backend)
-        layer.source_type = type(module)
-        return layer
-    # GPT-2 Conv1D: y = x @ weight + bias with weight [in, out]; W = weight^T is a view.
-    view = nn.Linear(1, 1, bias=False, device="meta")
-    view.weight = nn.Parameter(module.weight.data.t(), requires_grad=False)
-    view.bias = module.bias
-    layer = FastRank1Linear.from_linear(view, alpha=alpha, dropout=dropout, backend=backend)
+def _wrap(module: nn.Module, **layer_kwargs) -> FastRank1Linear:
+    linear = module
+    if not isinstance(module, nn.Linear):
+        # GPT-2 Conv1D: y = x @ weight + bias with weight [in, out]; W = weight^T is a view.
+        linear = nn.Linear(1, 1, bias=False, device="meta")
+        linear.weight = nn.Parameter(module.weight.data.t(), requires_grad=False)
+        linear.bias = module.bias
+    layer = FastRank1Linear.from_linear(linear, **layer_kwargs)
     layer.source_type = type(module)
     return layer
 
@@ -74,13 +72,14 @@ def inject(
     dropout: float = 0.0,
     backend: str = "auto",
     freeze_base: bool = True,
+    init: str = "kaiming",
 ) -> dict[str, FastRank1Linear]:
     """Replace every matching linear layer of ``model`` by a ``FastRank1Linear``, in place.
 
     Args:
         model: any ``nn.Module`` (e.g. a transformers model).
         target_modules: list of names/suffixes, a regex, or ``"all-linear"``.
-        alpha, dropout, backend: passed to each ``FastRank1Linear``.
+        alpha, dropout, backend, init: passed to each ``FastRank1Linear``.
         freeze_base: set ``requires_grad=False`` on every parameter but the boosters (peft's
             behaviour); unfreeze a head afterwards if it should train too.
     Returns:
@@ -105,7 +104,7 @@ def inject(
             p.requires_grad_(False)
     layers = {}
     for name, module in chosen:
-        layer = _wrap(module, alpha, dropout, backend)
+        layer = _wrap(module, alpha=alpha, dropout=dropout, backend=backend, init=init)
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers

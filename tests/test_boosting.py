@@ -1,0 +1,192 @@
+"""Booster: rounds, sampling, merges, optimizer resets, re-warm-up, history."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import xgblora_fast as xf
+from xgblora_fast.boosting import group_units
+
+WIDTH = 16
+
+
+def mlp(depth=4, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, WIDTH, generator=g)
+    return x.to(dtype), torch.sin(3 * x).to(dtype)
+
+
+def train(model, booster, optimizer, steps, start=0, scheduler=None):
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(step, next(model.parameters()).dtype)
+        loss = nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        booster.step(loss.item())
+        losses.append(loss.item())
+    return losses
+
+
+def make_run(config, seed=0, dtype=torch.float32, lr=1e-2):
+    model = mlp(seed=seed, dtype=dtype)
+    booster = xf.Booster(model, config)
+    optimizer = torch.optim.AdamW(booster.param_groups(), lr=lr)
+    booster.attach(optimizer)
+    return model, booster, optimizer
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="kappa"):
+        xf.XGBLoRAConfig(kappa=0)
+    with pytest.raises(ValueError, match="fraction"):
+        xf.XGBLoRAConfig(layers_per_round=1.5)
+    with pytest.raises(ValueError, match="count"):
+        xf.XGBLoRAConfig(layers_per_round=0)
+    with pytest.raises(ValueError, match="rounding"):
+        xf.XGBLoRAConfig(rounding="up")
+    with pytest.raises(ValueError, match="not both"):
+        xf.XGBLoRAConfig(rounds=3, total_steps=30)
+    cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, layers_per_round=2)
+    assert cfg.planned_steps == 21
+    assert xf.XGBLoRAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_units_group_modules_by_transformer_block():
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.11.mlp.up_proj",
+        "score",
+    ]
+    by_block = group_units(names, "block")
+    assert by_block == {
+        "model.layers.0": names[:2],
+        "model.layers.1": [names[2]],
+        "model.layers.11": [names[3]],
+        "score": ["score"],
+    }
+    assert group_units(names, "module") == {n: [n] for n in names}
+
+
+def test_rounds_merge_active_layers_only_and_reset_everything():
+    cfg = xf.XGBLoRAConfig(kappa=3, layers_per_round=2, rounding="nearest", seed=1)
+    model, booster, optimizer = make_run(cfg)
+    params_before = [id(p) for p in booster.parameters()]
+    weights0 = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
+    active = list(booster.active)
+    assert len(active) == 2
+    train(model, booster, optimizer, 2)
+    for name, layer in booster.layers.items():
+        if name in active:
+            assert layer.lora_b.abs().sum() > 0  # learning
+            assert len(optimizer.state[layer.lora_a]) > 0
+        else:
+            assert layer.lora_a.grad is None and layer.lora_b.grad is None
+            assert layer.lora_a not in optimizer.state
+    # Third step ends round 0: merge the active boosters, re-init, drop their optimizer state.
+    x, y = batch(2)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    learned = {n: booster.layers[n].merged_weight() for n in active}
+    assert booster.step() is True
+    for name, layer in booster.layers.items():
+        if name in active:
+            assert torch.equal(layer.weight, learned[name])
+            assert not torch.equal(layer.weight, weights0[name])
+            assert torch.equal(layer.lora_b, torch.zeros_like(layer.lora_b))
+            assert layer.lora_a not in optimizer.state and layer.lora_b not in optimizer.state
+        else:
+            assert torch.equal(layer.weight, weights0[name])
+    assert [id(p) for p in booster.parameters()] == params_before
+    assert booster.round == 1 and len(booster.history) == 1
+    # The next step starts Adam afresh for a re-activated booster: step count 1.
+    train(model, booster, optimizer, 1, start=3)
+    for name in booster.active:
+        assert optimizer.state[booster.layers[name].lora_b]["step"].item() == 1.0
+
+
+def test_history_records_what_reviewers_asked_for():
+    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=0.5, seed=3, rounding="nearest")
+    model, booster, optimizer = make_run(cfg)
+    losses = train(model, booster, optimizer, 8)
+    hist = booster.history
+    assert [h["round"] for h in hist] == [0, 1, 2, 3]
+    assert [h["steps"] for h in hist] == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    assert hist[1]["loss"] == pytest.approx(sum(losses[2:4]) / 2)
+    cumulative, touched = 0, set()
+    for h in hist:
+        assert len(h["active"]) == 2  # 0.5 of 4 units
+        trainable = sum(2 * WIDTH for _ in h["active"])
+        cumulative += trainable
+        touched |= set(h["active"])
+        assert h["trainable_params"] == trainable
+        assert h["cumulative_trainable_params"] == cumulative
+        assert h["weights_touched"] == len(touched) * WIDTH * WIDTH
+        for name in h["active"]:
+            assert h["update_norm"][name] > 0
+            assert 0 < h["relative_update"][name] < 1
+
+
+def test_sampling_is_seeded():
+    def active_sets(seed):
+        cfg = xf.XGBLoRAConfig(kappa=1, layers_per_round=2, seed=seed)
+        model, booster, optimizer = make_run(cfg)
+        train(model, booster, optimizer, 6)
+        return [tuple(h["active"]) for h in booster.history]
+
+    assert active_sets(5) == active_sets(5)
+    assert active_sets(5) != active_sets(6)
+
+
+def test_rewarm_ramps_booster_lr_after_each_merge_under_a_scheduler():
+    cfg = xf.XGBLoRAConfig(kappa=4, layers_per_round=1, rewarm_steps=4)
+    model, booster, optimizer = make_run(cfg, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** (step // 4))
+    lrs = []
+    for step in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        train(model, booster, optimizer, 1, start=step, scheduler=scheduler)
+    envelope = [0.1] * 4 + [0.05] * 4
+    ramp = [1.0, 1.0, 1.0, 1.0, 0.25, 0.5, 0.75, 1.0]  # the run starts unramped; merge at 4
+    assert lrs == pytest.approx([e * r for e, r in zip(envelope, ramp)])
+
+
+def test_rewarm_without_scheduler_does_not_compound():
+    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=1, rewarm_steps=2)
+    model, booster, optimizer = make_run(cfg, lr=0.1)
+    lrs = []
+    for step in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        train(model, booster, optimizer, 1, start=step)
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.1, 0.05, 0.1])
+
+
+def test_finish_merges_an_unfinished_round():
+    cfg = xf.XGBLoRAConfig(kappa=10, layers_per_round=4, rounding="nearest")
+    model, booster, optimizer = make_run(cfg)
+    train(model, booster, optimizer, 3)
+    x, _ = batch(99)
+    with torch.no_grad():
+        before = model(x)
+    booster.finish()
+    assert len(booster.history) == 1 and booster.history[0]["steps"] == [0, 3]
+    plain = xf.eject(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

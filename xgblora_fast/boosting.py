@@ -1,0 +1,362 @@
+"""XGBLoRA boosting: rounds of rank-1 boosters on sampled layers, merged into the weights.
+
+``Booster`` drives any model with ``FastRank1Linear`` layers (it injects them if there are
+none). Each round it samples the active layers with its own seeded generator (the same on every
+data-parallel rank), lets only their boosters run, and after ``kappa`` optimizer steps merges
+them into ``W`` in place, re-initialises them in place (same Parameter objects, seeded, so every
+rank draws the same ``a``) and drops their optimizer state completely (moments *and* step
+count: keeping Adam's step count after zeroing its moments makes the first update ~3x lr).
+
+Plain loop::
+
+    booster = xf.Booster(model, xf.XGBLoRAConfig(kappa=10, layers_per_round=0.35))
+    optimizer = torch.optim.AdamW(booster.param_groups(), lr=1e-3)
+    booster.attach(optimizer)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        booster.step(loss.item())      # merges and starts a new round every kappa steps
+    booster.finish()                   # merge what the last round learned
+
+Inactive layers run the plain GEMM and their boosters get no gradient (``grad is None``, so the
+optimizer skips them). Under DDP every rank runs the same subset; use
+``find_unused_parameters=True`` since the inactive boosters are not in the graph (they are a few
+vectors, so the extra all-reduce is negligible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from xgblora_fast.layer import INITS, FastRank1Linear
+from xgblora_fast.ops.checks import ROUNDINGS
+from xgblora_fast.patching import inject
+
+SAMPLE_BY = ("block", "module")
+_BLOCK_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+@dataclasses.dataclass
+class XGBLoRAConfig:
+    """Every knob of an XGBLoRA run.
+
+    Attributes:
+        target_modules: which linear layers get boosters (peft-style: names/suffixes, a regex,
+            or ``"all-linear"``).
+        alpha: booster scale ``s`` in ``y = x W^T + s (x.a) b^T``.
+        dropout: dropout on the boosters' input.
+        kappa: optimizer steps per round.
+        layers_per_round: ``L_s``, an int count or a float fraction in (0, 1] of the units.
+        sample_by: ``"block"`` (transformer blocks, all their targeted modules together) or
+            ``"module"`` (individual linear layers).
+        total_steps / rounds: length of the run (give one; ``rounds * kappa`` steps). Only
+            used for ``Booster.done`` and progress; the caller owns the loop.
+        merge_step: the boosting step ``alpha_t``: ``W += merge_step * s b a^T``.
+        rounding: merge rounding, ``"nearest"`` or ``"stochastic"`` (fp32 weights: always exact
+            nearest).
+        init: booster init, ``"kaiming"`` (uniform) or ``"gaussian"``.
+        weight_decay: on the boosters (the practical form of the paper's norm penalty).
+        rewarm_steps: after each merge, ramp the boosters' learning rate linearly over this many
+            steps (0: off), under whatever schedule the optimizer follows.
+        seed: seeds layer sampling, booster init and stochastic-rounding bits.
+    """
+
+    target_modules: list[str] | str = "all-linear"
+    alpha: float = 1.0
+    dropout: float = 0.0
+    kappa: int = 10
+    layers_per_round: int | float = 0.35
+    sample_by: str = "block"
+    total_steps: int | None = None
+    rounds: int | None = None
+    merge_step: float = 1.0
+    rounding: str = "stochastic"
+    init: str = "kaiming"
+    weight_decay: float = 1e-4
+    rewarm_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kappa < 1:
+            raise ValueError(f"kappa must be >= 1, got {self.kappa}")
+        lps = self.layers_per_round
+        if isinstance(lps, bool) or not isinstance(lps, (int, float)):
+            raise TypeError(f"layers_per_round must be an int or a float, got {lps!r}")
+        if isinstance(lps, int) and lps < 1:
+            raise ValueError(f"layers_per_round as a count must be >= 1, got {lps}")
+        if isinstance(lps, float) and not 0.0 < lps <= 1.0:
+            raise ValueError(f"layers_per_round as a fraction must be in (0, 1], got {lps}")
+        if self.sample_by not in SAMPLE_BY:
+            raise ValueError(f"sample_by must be one of {SAMPLE_BY}, got {self.sample_by!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.total_steps is not None and self.rounds is not None:
+            raise ValueError("give total_steps or rounds, not both")
+        if self.rewarm_steps < 0 or self.weight_decay < 0:
+            raise ValueError("rewarm_steps and weight_decay must be >= 0")
+
+    @property
+    def planned_steps(self) -> int | None:
+        """Total optimizer steps of the run, when known."""
+        if self.rounds is not None:
+            return self.rounds * self.kappa
+        return self.total_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XGBLoRAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown XGBLoRAConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def group_units(names: list[str], sample_by: str) -> dict[str, list[str]]:
+    """Sampling units: ``{unit: [module names]}``, in model order.
+
+    ``"block"`` groups modules by their first numbered container (``model.layers.3``,
+    ``transformer.h.0``); modules outside any numbered container form a unit of their own.
+    """
+    units: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK_INDEX.match(name) if sample_by == "block" else None
+        units.setdefault(match.group(1) if match else name, []).append(name)
+    return units
+
+
+class Booster:
+    """Runs XGBLoRA rounds over the ``FastRank1Linear`` layers of ``model``.
+
+    Args:
+        model: the model; if it holds no ``FastRank1Linear`` yet, ``config.target_modules`` are
+            injected (base frozen, peft-style).
+        config: the run's ``XGBLoRAConfig``.
+        optimizer: the optimizer over the boosters (or attach it later with ``attach``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: XGBLoRAConfig | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.config = config or XGBLoRAConfig()
+        cfg = self.config
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, FastRank1Linear)}
+        if not layers:
+            layers = inject(
+                model,
+                cfg.target_modules,
+                alpha=cfg.alpha,
+                dropout=cfg.dropout,
+                init=cfg.init,
+            )
+        self.model = model
+        self.layers: dict[str, FastRank1Linear] = layers
+        self.units = group_units(list(layers), cfg.sample_by)
+        lps = cfg.layers_per_round
+        n_units = len(self.units)
+        self.units_per_round = (
+            min(lps, n_units) if isinstance(lps, int) else max(1, round(lps * n_units))
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer = optimizer
+        self.round = 0
+        self.global_step = 0
+        self.step_in_round = 0
+        self.active: list[str] = []
+        self.history: list[dict[str, Any]] = []
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._cumulative_trainable = 0
+        self._touched: set[str] = set()
+        self._lr_envelope: dict[int, float] = {}
+        self._lr_written: dict[int, float] = {}
+        self._booster_params = {id(p) for m in layers.values() for p in (m.lora_a, m.lora_b)}
+        for layer in layers.values():
+            layer.init = cfg.init
+            layer.reset_(self.generator)
+        self._begin_round()
+
+    # ----------------------------------------------------------------- set-up
+    def parameters(self) -> list[nn.Parameter]:
+        """Every booster parameter (``lora_a``, ``lora_b`` of each layer)."""
+        return [p for m in self.layers.values() for p in (m.lora_a, m.lora_b)]
+
+    def param_groups(self, **group_options: Any) -> list[dict[str, Any]]:
+        """One optimizer param group with the boosters and ``config.weight_decay``."""
+        return [
+            {"params": self.parameters(), "weight_decay": self.config.weight_decay}
+            | group_options
+        ]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` for state resets and learning-rate re-warm-up."""
+        self.optimizer = optimizer
+
+    @property
+    def done(self) -> bool:
+        planned = self.config.planned_steps
+        return planned is not None and self.global_step >= planned
+
+    # ----------------------------------------------------------------- rounds
+    def _begin_round(self) -> None:
+        names = list(self.units)
+        order = torch.randperm(len(names), generator=self.generator)[: self.units_per_round]
+        chosen = sorted(order.tolist())
+        self.active = [m for i in chosen for m in self.units[names[i]]]
+        active = set(self.active)
+        for name, layer in self.layers.items():
+            layer.active = name in active
+            if not layer.active:  # no stale gradient may reach the optimizer
+                layer.lora_a.grad = None
+                layer.lora_b.grad = None
+        self._round_start_step = self.global_step
+
+    def step(self, loss: float | None = None) -> bool:
+        """Count one optimizer step; at the end of a round merge, re-init and start the next.
+
+        Call it after ``optimizer.step()`` (and after ``scheduler.step()``). ``loss`` (a float)
+        goes into the round's history. Returns True when this step ended a round.
+        """
+        if loss is not None:
+            self._loss_sum += float(loss)
+            self._loss_count += 1
+        self.global_step += 1
+        self.step_in_round += 1
+        ended = self.step_in_round >= self.config.kappa
+        if ended:
+            self._end_round()
+            self._begin_round()
+        self._apply_rewarm()
+        return ended
+
+    def finish(self) -> None:
+        """Merge the boosters of an unfinished round (call once after the last step)."""
+        if self.step_in_round > 0:
+            self._end_round()
+        for layer in self.layers.values():
+            layer.active = False
+
+    @torch.no_grad()
+    def _end_round(self) -> None:
+        cfg = self.config
+        update_norms: dict[str, float] = {}
+        relative: dict[str, float] = {}
+        for index, name in enumerate(self.active):
+            layer = self.layers[name]
+            scale = cfg.merge_step * layer.alpha
+            norm = abs(scale) * float(layer.lora_a.norm()) * float(layer.lora_b.norm())
+            w_norm = float(torch.linalg.vector_norm(layer.weight, dtype=torch.float32))
+            update_norms[name] = norm
+            relative[name] = norm / w_norm if w_norm > 0 else math.inf
+            seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
+            layer.merge_(cfg.rounding, seed, cfg.merge_step, self.generator)
+            self._reset_optimizer_state(layer)
+            self._touched.add(name)
+        trainable = sum(self.layers[n].in_features + self.layers[n].out_features for n in self.active)
+        self._cumulative_trainable += trainable
+        self.history.append(
+            {
+                "round": self.round,
+                "steps": [self._round_start_step, self.global_step],
+                "active": list(self.active),
+                "loss": self._loss_sum / self._loss_count if self._loss_count else None,
+                "update_norm": update_norms,
+                "relative_update": relative,
+                "trainable_params": trainable,
+                "cumulative_trainable_params": self._cumulative_trainable,
+                "weights_touched": sum(self.layers[n].weight.numel() for n in self._touched),
+            }
+        )
+        self.round += 1
+        self.step_in_round = 0
+        self._loss_sum = 0.0
+        self._loss_count = 0
+
+    def _reset_optimizer_state(self, layer: FastRank1Linear) -> None:
+        for p in (layer.lora_a, layer.lora_b):
+            p.grad = None
+            if self.optimizer is not None:
+                self.optimizer.state.pop(p, None)
+
+    def _apply_rewarm(self) -> None:
+        """Scale the boosters' lr by ``min(1, (steps since merge + 1) / rewarm_steps)``.
+
+        The envelope is whatever lr the group had when the booster last looked, unless the
+        booster wrote it itself, so a scheduler's value is followed and nothing compounds.
+        """
+        if self.optimizer is None or self.config.rewarm_steps == 0:
+            return
+        # Round 0 follows no merge: the global schedule's own warm-up covers it.
+        ramp = (self.step_in_round + 1) / self.config.rewarm_steps
+        factor = 1.0 if self.round == 0 else min(1.0, ramp)
+        for i, group in enumerate(self.optimizer.param_groups):
+            if not any(id(p) in self._booster_params for p in group["params"]):
+                continue
+            if group["lr"] != self._lr_written.get(i):
+                self._lr_envelope[i] = group["lr"]
+            group["lr"] = self._lr_envelope[i] * factor
+            self._lr_written[i] = group["lr"]
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state plus the generator state (a uint8 tensor under ``"generator"``)."""
+        return {
+            "config": self.config.to_dict(),
+            "round": self.round,
+            "global_step": self.global_step,
+            "step_in_round": self.step_in_round,
+            "round_start_step": self._round_start_step,
+            "active": list(self.active),
+            "history": self.history,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+            "cumulative_trainable": self._cumulative_trainable,
+            "touched": sorted(self._touched),
+            "lr_envelope": {str(k): v for k, v in self._lr_envelope.items()},
+            "lr_written": {str(k): v for k, v in self._lr_written.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError("booster state was saved with a different XGBLoRAConfig")
+        missing = [n for n in state["active"] if n not in self.layers]
+        if missing:
+            raise ValueError(f"booster state names layers this model lacks: {missing[:4]}")
+        self.round = state["round"]
+        self.global_step = state["global_step"]
+        self.step_in_round = state["step_in_round"]
+        self._round_start_step = state["round_start_step"]
+        self.history = json.loads(json.dumps(state["history"]))
+        self._loss_sum = state["loss_sum"]
+        self._loss_count = state["loss_count"]
+        self._cumulative_trainable = state["cumulative_trainable"]
+        self._touched = set(state["touched"])
+        self._lr_envelope = {int(k): v for k, v in state["lr_envelope"].items()}
+        self._lr_written = {int(k): v for k, v in state["lr_written"].items()}
+        self.generator.set_state(state["generator"])
+        self.active = list(state["active"])
+        active = set(self.active)
+        for name, layer in self.layers.items():
+            layer.active = name in active
+
+    def save_history(self, path: str) -> None:
+        """Write the per-round history as JSON."""
+        with open(path, "w") as f:
+            json.dump({"config": self.config.to_dict(), "rounds": self.history}, f, indent=1)
