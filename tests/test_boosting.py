@@ -164,7 +164,7 @@ def test_rewarm_ramps_booster_lr_after_each_merge_under_a_scheduler():
         train(model, booster, optimizer, 1, start=step, scheduler=scheduler)
     envelope = [0.1] * 4 + [0.05] * 4
     ramp = [1.0, 1.0, 1.0, 1.0, 0.25, 0.5, 0.75, 1.0]  # the run starts unramped; merge at 4
-    assert lrs == pytest.approx([e * r for e, r in zip(envelope, ramp)])
+    assert lrs == pytest.approx([e * r for e, r in zip(envelope, ramp, strict=True)])
 
 
 def test_rewarm_without_scheduler_does_not_compound():

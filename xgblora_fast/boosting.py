@@ -200,8 +200,7 @@ class Booster:
     def param_groups(self, **group_options: Any) -> list[dict[str, Any]]:
         """One optimizer param group with the boosters and ``config.weight_decay``."""
         return [
-            {"params": self.parameters(), "weight_decay": self.config.weight_decay}
-            | group_options
+            {"params": self.parameters(), "weight_decay": self.config.weight_decay} | group_options
         ]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -268,7 +267,9 @@ class Booster:
             layer.merge_(cfg.rounding, seed, cfg.merge_step, self.generator)
             self._reset_optimizer_state(layer)
             self._touched.add(name)
-        trainable = sum(self.layers[n].in_features + self.layers[n].out_features for n in self.active)
+        trainable = sum(
+            self.layers[n].in_features + self.layers[n].out_features for n in self.active
+        )
         self._cumulative_trainable += trainable
         self.history.append(
             {

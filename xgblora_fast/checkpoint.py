@@ -169,8 +169,7 @@ def save_checkpoint(
     manifest = {
         "step": step,
         "files": {
-            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.iterdir())
+            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
         },
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

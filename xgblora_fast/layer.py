@@ -12,7 +12,6 @@ from xgblora_fast.ops.checks import check_backend, check_scale
 from xgblora_fast.ops.merge import merge_
 from xgblora_fast.ops.rank1_linear import rank1_linear
 
-
 INITS = ("kaiming", "gaussian")
 
 
@@ -38,8 +37,6 @@ class FastRank1Linear(nn.Module):
         init: how ``reset_`` draws ``a``: ``"kaiming"`` (uniform, bound 1/sqrt(in), peft's
             ``lora_A`` init) or ``"gaussian"`` (normal, std 1/sqrt(in)).
     """
-
-    source_type: type = nn.Linear  # the module type ``eject`` restores (set by ``inject``)
 
     def __init__(
         self,

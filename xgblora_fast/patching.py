@@ -29,6 +29,10 @@ def _conv1d_type() -> type | None:
 
 
 def _is_adaptable(module: nn.Module) -> bool:
+    # MultiheadAttention reads its out_proj's weight directly and never calls its forward, so
+    # a booster there would be silently ignored.
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
     conv1d = _conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
@@ -60,8 +64,12 @@ def _wrap(module: nn.Module, **layer_kwargs) -> FastRank1Linear:
         linear = nn.Linear(1, 1, bias=False, device="meta")
         linear.weight = nn.Parameter(module.weight.data.t(), requires_grad=False)
         linear.bias = module.bias
+    requires_grad = (module.weight.requires_grad, getattr(module.bias, "requires_grad", False))
     layer = FastRank1Linear.from_linear(linear, **layer_kwargs)
-    layer.source_type = type(module)
+    # The original module (unregistered: its tensors are the layer's) comes back on eject with
+    # its class, hooks and attributes.
+    object.__setattr__(layer, "_source_module", module)
+    object.__setattr__(layer, "_source_requires_grad", requires_grad)
     return layer
 
 
@@ -112,16 +120,22 @@ def inject(
 
 def _unwrap(layer: FastRank1Linear, rounding: str) -> nn.Module:
     layer.merge_(rounding=rounding)
+    module = getattr(layer, "_source_module", None)
+    weight_grad, bias_grad = getattr(layer, "_source_requires_grad", (False, False))
+    if module is None:  # a FastRank1Linear built directly: hand back a plain nn.Linear
+        module = nn.Linear(1, 1, bias=False, device="meta")
+        module.in_features, module.out_features = layer.in_features, layer.out_features
     conv1d = _conv1d_type()
-    if conv1d is not None and issubclass(layer.source_type, conv1d):
-        module = conv1d(layer.out_features, layer.in_features)
-        module.weight = nn.Parameter(layer.weight.data.t(), requires_grad=False)
-        module.bias = layer.bias
-        return module.to(layer.weight.device)
-    module = nn.Linear(1, 1, bias=False, device="meta")
-    module.in_features, module.out_features = layer.in_features, layer.out_features
-    module.weight = layer.weight
+    if conv1d is not None and isinstance(module, conv1d):
+        # Conv1D stores [in, out]; the layer's weight is a view of that storage (or its moved
+        # copy after .to()), so transpose back rather than trust the old Parameter.
+        module.weight = nn.Parameter(layer.weight.data.t())
+    else:
+        module.weight = layer.weight
     module.bias = layer.bias
+    module.weight.requires_grad_(weight_grad)
+    if module.bias is not None:
+        module.bias.requires_grad_(bias_grad)
     return module
 
 

@@ -124,7 +124,7 @@ def test_low_precision_base_with_fp32_adapters_and_bf16_adapters(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_requested_gradients(backend):
     """x without grad: only adapter grads are produced (no dx GEMM), and they are right."""
-    x, weight, bias, a, b, dy = make_inputs((21,), 34, 30, torch.float32, False, seed=11)
+    x, weight, _, a, b, dy = make_inputs((21,), 34, 30, torch.float32, False, seed=11)
     a_leaf = a.clone().requires_grad_()
     b_leaf = b.clone().requires_grad_()
     y = xf.rank1_linear(x, weight, None, a_leaf, b_leaf, 2.0, backend=backend)
@@ -165,7 +165,7 @@ def test_dropout_only_touches_the_adapter_branch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_gradients(backend):
-    x, weight, bias, a, b, dy = make_inputs((15,), 26, 18, torch.float32, False, seed=17)
+    x, weight, _, a, b, dy = make_inputs((15,), 26, 18, torch.float32, False, seed=17)
     p = 0.3
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
     torch.manual_seed(9)
@@ -175,7 +175,7 @@ def test_dropout_gradients(backend):
     x_dropped = torch.nn.functional.dropout(ref[0], p, training=True)
     y_ref = ref[0] @ weight.double().t() + 0.9 * (x_dropped @ ref[1])[:, None] * ref[2]
     y_ref.backward(dy.double())
-    for got, want in zip(leaves, ref):
+    for got, want in zip(leaves, ref, strict=True):
         assert rel_err(got.grad, want.grad) < 1e-5
 
 

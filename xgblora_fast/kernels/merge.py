@@ -22,7 +22,9 @@ MERGE_NUM_WARPS = 4
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@triton.jit
+# The JIT turns an int argument equal to 1 into a constexpr (a Python int without ``.to``), and
+# each seed divisible by 16 would compile anew: the seed is never specialised.
+@triton.jit(do_not_specialize=["seed"])
 def rank1_merge_kernel(
     w_ptr,
     a_ptr,

@@ -64,7 +64,8 @@ def gemm_configs() -> list[triton.Config]:
     return GEMM_CONFIGS[90] if cap is not None and cap >= 90 else GEMM_CONFIGS[80]
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "K", "N_BUCKET"])
+# stride_bk in the key: the forward (W row-major, stride 1) and dx (W^T, stride M) tune apart.
+@triton.autotune(configs=gemm_configs(), key=["M", "K", "N_BUCKET", "stride_bk"])
 @triton.jit
 def rank1_gemm_kernel(
     a_ptr,

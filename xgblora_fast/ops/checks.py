@@ -44,7 +44,13 @@ def _check_same_device(tensors: dict[str, torch.Tensor | None]) -> None:
 
 
 def check_scale(scale: object) -> float:
-    """The scale ``s`` as a finite Python float."""
+    """The scale ``s`` as a finite Python float.
+
+    While ``torch.compile`` traces, a layer's float may arrive as a symbolic float whose value
+    cannot be inspected; it was checked when the layer was built, so it passes through.
+    """
+    if torch.compiler.is_compiling():
+        return scale  # type: ignore[return-value]
     if isinstance(scale, torch.Tensor):
         raise TypeError("scale must be a Python number, not a tensor")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):

@@ -144,11 +144,11 @@ def rank1_linear_bwd(
 def _(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias, backend):
     with_adapter = need_dx and x_adapter is not None
     return (
-        torch.empty_like(x) if need_dx else _empty(x),
+        x.new_empty(x.shape) if need_dx else _empty(x),  # the kernels return contiguous dx
         torch.empty_like(a) if need_dab else _empty(a),
         torch.empty_like(b) if need_dab else _empty(b),
         dy.new_empty((dy.shape[1],), dtype=torch.float32) if need_dbias else _empty(dy).float(),
-        torch.empty_like(x) if with_adapter else _empty(x),
+        x.new_empty(x.shape) if with_adapter else _empty(x),
     )
 
 

@@ -1,0 +1,144 @@
+"""Ahead-of-time compile report (``xgblora_fast.inspect``) for sm_80 and sm_90, no GPU needed.
+
+The report runs once, in a subprocess without ``TRITON_INTERPRET``: the test session imports the
+kernels under the interpreter, and interpreter objects cannot be compiled ahead of time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xgblora_fast.kernels.rank1_gemm import GEMM_CONFIGS
+
+pytestmark = pytest.mark.aot
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = ("sm_80", "sm_90")
+GEMM_KERNELS = ("rank1_gemm_kernel", "rank1_gemm_kernel[dx]")
+OTHER_KERNELS = (
+    "weighted_colsum_kernel",
+    "rank1_merge_kernel[nearest]",
+    "rank1_merge_kernel[stochastic]",
+)
+
+
+@pytest.fixture(scope="module")
+def report() -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "xgblora_fast.inspect", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def _rows(report: list[dict[str, Any]], kernel: str, arch: str) -> list[dict[str, Any]]:
+    return [row for row in report if row["kernel"] == kernel and row["arch"] == arch]
+
+
+def _expected_configs(arch: str) -> list[dict[str, int]]:
+    return [
+        {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        for cfg in GEMM_CONFIGS[int(arch.removeprefix("sm_"))]
+    ]
+
+
+def test_every_kernel_compiles_for_both_archs(report):
+    for arch in ARCHS:
+        for kernel in GEMM_KERNELS + OTHER_KERNELS:
+            assert _rows(report, kernel, arch), f"{kernel} missing for {arch}"
+    for row in report:
+        assert "error" not in row, row
+        assert isinstance(row["kernel"], str)
+        assert row["arch"] in ARCHS
+        assert isinstance(row["config"], dict)
+        assert isinstance(row["config"]["num_warps"], int)
+        assert isinstance(row["config"]["num_stages"], int)
+        assert isinstance(row["registers"], int)
+        assert 0 < row["registers"] <= 255
+        assert isinstance(row["spills_bytes"], int)
+        assert row["spills_bytes"] >= 0
+        assert isinstance(row["shared_bytes"], int)
+        assert row["shared_bytes"] >= 0
+        counts = row["tensor_core_instructions"]
+        assert all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items())
+
+
+def test_every_gemm_autotune_config_is_compiled(report):
+    for arch in ARCHS:
+        for kernel in GEMM_KERNELS:
+            got = [row["config"] for row in _rows(report, kernel, arch)]
+            assert got == _expected_configs(arch), (kernel, arch)
+
+
+def test_bf16_gemm_uses_tensor_cores(report):
+    for arch in ARCHS:
+        for kernel in GEMM_KERNELS:
+            for row in _rows(report, kernel, arch):
+                # wgmma (HGMMA) needs a multiple of 64 rows per warp group: Triton compiles
+                # the 16-row decode tile to mma.sync (HMMA) even on sm_90.
+                use_wgmma = arch == "sm_90" and row["config"]["BLOCK_N"] >= 64
+                family = "HGMMA" if use_wgmma else "HMMA"
+                assert row["tensor_core_instructions"].get(family, 0) > 0, row
+                assert row["ptx_mma"] > 0, row
+
+
+def test_sm90_gemm_configs_do_not_spill(report):
+    spilling = [
+        (row["kernel"], row["config"], row["registers"], row["spills_bytes"])
+        for kernel in GEMM_KERNELS
+        for row in _rows(report, kernel, "sm_90")
+        if row["spills_bytes"] != 0
+    ]
+    assert not spilling, spilling
+
+
+def test_merge_and_reduce_use_no_tensor_cores(report):
+    for arch in ARCHS:
+        for kernel in OTHER_KERNELS:
+            for row in _rows(report, kernel, arch):
+                assert row["tensor_core_instructions"] == {}, row
+                assert row["ptx_mma"] == 0, row
+
+
+def test_reexecs_without_interpreter(monkeypatch):
+    from xgblora_fast import inspect as kernel_report
+
+    calls = []
+
+    def fake_run(cmd, env, check):
+        calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 3)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernel_report.subprocess, "run", fake_run)
+    assert kernel_report.main(["--json", "--arch", "90"]) == 3
+    [(cmd, env)] = calls
+    assert cmd == [sys.executable, "-m", "xgblora_fast.inspect", "--json", "--arch", "90"]
+    assert "TRITON_INTERPRET" not in env
+
+
+def test_merge_seed_is_never_specialised_by_the_jit():
+    """A seed of 1 would become a constexpr Python int and break ``seed.to(tl.uint32)``."""
+    code = (
+        "from xgblora_fast.kernels.merge import rank1_merge_kernel as k; "
+        "print([p.do_not_specialize for p in k.params if p.name == 'seed'])"
+    )
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == "[True]"

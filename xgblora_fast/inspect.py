@@ -1,0 +1,451 @@
+"""Ahead-of-time report on the Triton kernels: registers, spills, shared memory, tensor cores.
+
+Every kernel is compiled for sm_80 and sm_90 with ``triton.compile`` (no GPU needed), with the
+specialisation the JIT would pick for contiguous tensors of a typical LLM layer, and the
+resulting cubin is inspected:
+
+    python -m xgblora_fast.inspect            # readable table
+    python -m xgblora_fast.inspect --json     # one JSON array, one object per row
+
+Each row (``compile_report`` returns them as dicts) has:
+
+- ``kernel``: the kernel name, with the variant in brackets where one kernel is compiled
+  several ways (``rank1_gemm_kernel[dx]``, ``rank1_merge_kernel[stochastic]``).
+- ``arch``: ``"sm_80"`` or ``"sm_90"``.
+- ``config``: the block-size constexprs plus ``num_warps`` and ``num_stages``.
+- ``registers``: registers per thread (ptxas).
+- ``spills_bytes``: bytes of register spill stores per thread (ptxas); 0 is what we want.
+- ``stack_bytes``: per-thread stack frame in local memory, where the spills go (ptxas).
+- ``shared_bytes``: shared memory per program, as Triton allocates it.
+- ``tensor_core_instructions``: SASS tensor-core opcode family -> static count, e.g.
+  ``{"HGMMA": 4}``; empty when the kernel uses none.
+- ``ptx_mma``: static count of ``mma.sync`` / ``wgmma.mma_async`` instructions in the PTX.
+- ``dtype``: element type of the kernel's main tensor (``x``/``W``/``dy``).
+- ``error`` (only when something is wrong): why the config cannot run on that arch: a failed
+  compile (numbers are then None), or more shared memory than the arch allows per block
+  (the JIT would raise ``OutOfResources`` at launch).
+
+Compilation always runs (Triton's cache cannot replay the ptxas log); the Triton cache goes
+to ``<repo>/.cache/triton`` unless ``TRITON_CACHE_DIR`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDAOptions
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from xgblora_fast.kernels import merge, rank1_gemm, rank1_reduce
+from xgblora_fast.kernels.runtime import dot_precision
+
+ARCHS: tuple[int, ...] = (80, 90)
+GEMM_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+# Largest shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+# A100 163 KiB, H100 227 KiB. Triton checks this only at launch, so the report checks it here.
+MAX_SHARED_BYTES: dict[int, int] = {80: 166912, 90: 232448}
+
+_DIVISIBLE_16 = [["tt.divisibility", 16]]
+_SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_PTX_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:wgmma\.mma_async|mma\.sync)\b", re.MULTILINE)
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    """One compilation: a kernel specialised the way the JIT would specialise a real launch.
+
+    ``types`` maps each runtime argument to its Triton type string (``*bf16``, ``i32``,
+    ``fp32``); ``constexprs`` holds the constexpr parameters and the unit strides (the JIT turns
+    an int argument equal to 1 into a constexpr); ``divisible`` names the runtime arguments the
+    JIT would mark divisible by 16 (16-byte aligned pointers, multiples of 16). ``num_warps``,
+    ``num_stages`` and ``enable_fp_fusion`` are the launch options (Triton's defaults where the
+    launcher passes none).
+    """
+
+    label: str
+    arch: int
+    dtype: str
+    fn_path: str  # "module:attribute" of the kernel, resolved again in the worker process
+    types: dict[str, str]
+    constexprs: dict[str, Any]
+    divisible: frozenset[str]
+    block_sizes: dict[str, int]
+    num_warps: int = CUDAOptions.num_warps
+    num_stages: int = CUDAOptions.num_stages
+    enable_fp_fusion: bool = CUDAOptions.enable_fp_fusion
+
+
+def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
+    """Forward and dx variants of ``rank1_gemm_kernel`` for every autotune config of ``arch``.
+
+    Forward: ``A = x [N, K]``, ``B = W [M, K]``, ``out [N, M]``, all row-major, so the unit
+    strides are ``stride_ak``, ``stride_bk``, ``stride_om``. dx passes ``B = W.t()``, so
+    ``stride_bm`` is the unit stride instead of ``stride_bk``. ``N`` (tokens) is arbitrary;
+    ``M``, ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
+    """
+    el = f"*{dtype}"
+    types = {
+        "a_ptr": el,
+        "b_ptr": el,
+        "vin_ptr": "*fp32",  # the adapter vectors a, b are fp32 parameters
+        "vout_ptr": "*fp32",
+        "bias_ptr": el,
+        "rowdot_ptr": "*fp32",
+        "out_ptr": el,
+        "scale": "fp32",
+        "N": "i32",
+        "M": "i32",
+        "K": "i32",
+        "N_BUCKET": "i32",
+        "stride_an": "i32",
+        "stride_bm": "i32",
+        "stride_bk": "i32",
+        "stride_on": "i32",
+    }
+    # N_BUCKET, the next power of two of N, is a multiple of 16 for any N > 8.
+    divisible = frozenset(
+        name
+        for name in types
+        if name.endswith("_ptr")
+        or name in ("M", "K", "N_BUCKET", "stride_an", "stride_bm", "stride_bk", "stride_on")
+    )
+    variants = {
+        # The dx pass has no bias (dbias comes from the reduction kernel).
+        "fwd": ("stride_bk", True),
+        "dx": ("stride_bm", False),
+    }
+    jobs = []
+    for variant, (unit_b_stride, has_bias) in variants.items():
+        label = "rank1_gemm_kernel" if variant == "fwd" else f"rank1_gemm_kernel[{variant}]"
+        for cfg in rank1_gemm.GEMM_CONFIGS[arch]:
+            constexprs = {
+                "stride_ak": 1,
+                unit_b_stride: 1,
+                "stride_om": 1,
+                "HAS_BIAS": has_bias,
+                "COMPUTE_ROWDOT": True,
+                "ROWDOT_GIVEN": False,
+                "ADD_RANK1": True,
+                "UPCAST": False,
+                "DOT_PRECISION": dot_precision(GEMM_DTYPES[dtype]),
+                **cfg.kwargs,
+            }
+            jobs.append(
+                KernelJob(
+                    label=label,
+                    arch=arch,
+                    dtype=dtype,
+                    fn_path="xgblora_fast.kernels.rank1_gemm:rank1_gemm_kernel",
+                    types={k: v for k, v in types.items() if k not in constexprs},
+                    constexprs=constexprs,
+                    divisible=divisible - {unit_b_stride},
+                    block_sizes=dict(cfg.kwargs),
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
+            )
+    return jobs
+
+
+def _reduce_job(arch: int) -> KernelJob:
+    """``weighted_colsum_kernel`` on a row-major bf16 ``dy`` with the column sums (dbias) on."""
+    block_sizes = {
+        "BLOCK_N": rank1_reduce.REDUCE_BLOCK_N,
+        "BLOCK_C": rank1_reduce.REDUCE_BLOCK_C,
+    }
+    return KernelJob(
+        label="weighted_colsum_kernel",
+        arch=arch,
+        dtype="bf16",
+        fn_path="xgblora_fast.kernels.rank1_reduce:weighted_colsum_kernel",
+        types={
+            "x_ptr": "*bf16",
+            "w_ptr": "*fp32",
+            "wsum_ptr": "*fp32",
+            "csum_ptr": "*fp32",
+            "N": "i32",
+            "C": "i32",
+            "rows_per_split": "i32",
+            "stride_xn": "i32",
+        },
+        constexprs={"stride_xc": 1, "HAS_CSUM": True, **block_sizes},
+        # rows_per_split is a multiple of BLOCK_N (32) by construction in the launcher.
+        divisible=frozenset(
+            {"x_ptr", "w_ptr", "wsum_ptr", "csum_ptr", "C", "rows_per_split", "stride_xn"}
+        ),
+        block_sizes=block_sizes,
+        num_warps=rank1_reduce.REDUCE_NUM_WARPS,
+    )
+
+
+def _merge_jobs(arch: int) -> list[KernelJob]:
+    """``rank1_merge_kernel`` on a row-major bf16 ``W``, rounding to nearest and stochastically."""
+    block_sizes = {"BLOCK_M": merge.MERGE_BLOCK_M, "BLOCK_K": merge.MERGE_BLOCK_K}
+    return [
+        KernelJob(
+            label=f"rank1_merge_kernel[{rounding}]",
+            arch=arch,
+            dtype="bf16",
+            fn_path="xgblora_fast.kernels.merge:rank1_merge_kernel",
+            types={
+                "w_ptr": "*bf16",
+                "a_ptr": "*fp32",
+                "b_ptr": "*fp32",
+                "scale": "fp32",
+                "seed": "i32",
+                "M": "i32",
+                "K": "i32",
+                "stride_wm": "i32",
+            },
+            constexprs={
+                "stride_wk": 1,
+                "STOCHASTIC": rounding == "stochastic",
+                "W_DTYPE": tl.bfloat16,
+                **block_sizes,
+            },
+            divisible=frozenset({"w_ptr", "a_ptr", "b_ptr", "M", "K", "stride_wm"}),
+            block_sizes=block_sizes,
+            # As the launcher: the multiply and the add must round separately.
+            num_warps=merge.MERGE_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+        for rounding in ("nearest", "stochastic")
+    ]
+
+
+def report_jobs(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[KernelJob]:
+    """Every compilation of the report, in report order (``dtype`` applies to the GEMM only)."""
+    jobs = []
+    for arch in archs:
+        jobs += _gemm_jobs(arch, dtype)
+        jobs.append(_reduce_job(arch))
+        jobs += _merge_jobs(arch)
+    return jobs
+
+
+def _jit_function(fn_path: str) -> JITFunction:
+    """The ``JITFunction`` behind ``module:attribute``, unwrapping ``@triton.autotune``."""
+    module_name, attr = fn_path.split(":")
+    kernel = getattr(importlib.import_module(module_name), attr)
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(
+            f"{fn_path} is a {type(fn).__name__}, not a JITFunction: the kernels were imported "
+            "with TRITON_INTERPRET=1. Run the report in a process without it "
+            "(`python -m xgblora_fast.inspect` re-executes itself that way)."
+        )
+    return fn
+
+
+def _ptxas_number(pattern: re.Pattern[str], log: str) -> int:
+    match = pattern.search(log)
+    if match is None:
+        raise RuntimeError(f"unexpected ptxas log, no match for {pattern.pattern!r}:\n{log}")
+    return int(match.group(1))
+
+
+def _tensor_core_counts(cubin: bytes) -> dict[str, int]:
+    """SASS opcode family (the mnemonic before the first '.') -> count, for ``*MMA`` families."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-sass", f.name],
+            check=True,
+            capture_output=True,  # cuobjdump warns on stderr about nvdisasm's output format
+            text=True,
+        ).stdout
+    families = Counter()
+    for line in sass.splitlines():
+        match = _SASS_OPCODE.match(line)
+        # HMMA, IMMA, DMMA (mma.sync), HGMMA, QGMMA, IGMMA (wgmma), UTC*MMA (sm_100) ...
+        if match is not None and match.group(1).endswith("MMA"):
+            families[match.group(1)] += 1
+    return dict(sorted(families.items()))
+
+
+def compile_job(job: KernelJob) -> dict[str, Any]:
+    """Compile one job and return its report row (see the module docstring for the fields)."""
+    fn = _jit_function(job.fn_path)
+    signature = {
+        name: "constexpr" if name in job.constexprs else job.types[name] for name in fn.arg_names
+    }
+    attrs = {(fn.arg_names.index(name),): _DIVISIBLE_16 for name in job.divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=job.constexprs, attrs=attrs)
+    row: dict[str, Any] = {
+        "kernel": job.label,
+        "arch": f"sm_{job.arch}",
+        "dtype": job.dtype,
+        "config": {**job.block_sizes, "num_warps": job.num_warps, "num_stages": job.num_stages},
+    }
+    options = {
+        "num_warps": job.num_warps,
+        "num_stages": job.num_stages,
+        "enable_fp_fusion": job.enable_fp_fusion,
+    }
+    ptxas_log = io.StringIO()
+    try:
+        # Triton prints the ptxas log (registers, spills) only when it really runs ptxas: force
+        # the compile past the cache, and capture the print so stdout stays valid JSON.
+        with (
+            knobs.compilation.scope(),
+            knobs.nvidia.scope(),
+            contextlib.redirect_stdout(ptxas_log),
+        ):
+            knobs.compilation.always_compile = True
+            knobs.nvidia.dump_ptxas_log = True
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+    except Exception as e:  # a config that does not compile is reported, not fatal
+        row.update(
+            registers=None,
+            spills_bytes=None,
+            stack_bytes=None,
+            shared_bytes=None,
+            tensor_core_instructions={},
+            ptx_mma=None,
+            error=f"{type(e).__name__}: {str(e).strip()}",
+        )
+        return row
+    log = ptxas_log.getvalue()
+    row.update(
+        registers=_ptxas_number(_PTXAS_REGISTERS, log),
+        spills_bytes=_ptxas_number(_PTXAS_SPILLS, log),
+        stack_bytes=_ptxas_number(_PTXAS_STACK, log),
+        shared_bytes=compiled.metadata.shared,
+        tensor_core_instructions=_tensor_core_counts(compiled.asm["cubin"]),
+        ptx_mma=len(_PTX_MMA.findall(compiled.asm["ptx"])),
+    )
+    if compiled.metadata.shared > MAX_SHARED_BYTES[job.arch]:
+        row["error"] = (
+            f"needs {compiled.metadata.shared} bytes of shared memory, "
+            f"sm_{job.arch} allows {MAX_SHARED_BYTES[job.arch]} per block"
+        )
+    return row
+
+
+def _default_cache_dir() -> None:
+    """Keep Triton's cache inside the repository (an ignored path) when run from a checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file():
+        os.environ.setdefault("TRITON_CACHE_DIR", str(repo / ".cache" / "triton"))
+
+
+def compile_report(
+    archs: tuple[int, ...] = ARCHS, dtype: str = "bf16", jobs: int = 2
+) -> list[dict[str, Any]]:
+    """Compile every kernel for ``archs`` and return one row per (kernel, arch, config).
+
+    Args:
+        archs: compute capabilities as ints (80, 90).
+        dtype: element type of the GEMM's ``x``/``W``/``out`` (``bf16``, ``fp16``, ``fp32``);
+            the reduction and merge kernels are always compiled for bf16.
+        jobs: worker processes; 1 compiles in this process.
+    """
+    if dtype not in GEMM_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(GEMM_DTYPES)}, got {dtype!r}")
+    _default_cache_dir()
+    todo = report_jobs(tuple(archs), dtype)
+    if jobs == 1:
+        return [compile_job(job) for job in todo]
+    # spawn, not fork: the caller may hold CUDA state or threads (torch) that fork would copy.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(compile_job, todo))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table; errors (often multi-line) are listed after it."""
+    header = ("kernel", "arch", "config", "regs", "spills", "stack", "shared", "tensor cores")
+    lines = [header]
+    errors = []
+    for row in rows:
+        config = " ".join(f"{k}={v}" for k, v in row["config"].items())
+        cores = " ".join(f"{k}x{v}" for k, v in row["tensor_core_instructions"].items()) or "-"
+        if "error" in row:
+            number = len(errors) + 1
+            cores += f"  (error {number})"
+            message = textwrap.indent(row["error"], "    ")
+            errors.append(f"error {number}: {row['kernel']} {row['arch']} {config}\n{message}")
+        lines.append(
+            (
+                row["kernel"],
+                row["arch"],
+                config,
+                str(row["registers"]),
+                str(row["spills_bytes"]),
+                str(row["stack_bytes"]),
+                str(row["shared_bytes"]),
+                cores,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    table = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True))
+        + "  "
+        + line[-1]
+        for line in lines
+    ]
+    return "\n".join(table + errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``xgblora-fast-inspect``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Under the interpreter @triton.jit builds interpreter objects, which cannot be
+        # compiled ahead of time: run the report in a fresh process without the variable.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "xgblora_fast.inspect", *argv]
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+    parser = argparse.ArgumentParser(
+        prog="xgblora-fast-inspect", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON array")
+    parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))
+    parser.add_argument("--dtype", choices=sorted(GEMM_DTYPES), default="bf16", help="GEMM dtype")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    rows = compile_report(tuple(args.arch), args.dtype, args.jobs)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        print(f"\n{len(rows)} compilations in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
