@@ -66,14 +66,16 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _save_structure(folder: Path, name: str, obj: Any) -> None:
+def save_structure(folder: Path, name: str, obj: Any) -> None:
+    """Write a nested dict/list with tensors as ``name.safetensors`` + ``name.json``."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(obj, name, tensors)
     save_file(tensors, folder / f"{name}.safetensors")
     (folder / f"{name}.json").write_text(json.dumps(skeleton))
 
 
-def _load_structure(folder: Path, name: str) -> Any:
+def load_structure(folder: Path, name: str) -> Any:
+    """Read what ``save_structure`` wrote (no pickle)."""
     tensors = load_file(folder / f"{name}.safetensors")
     return _join_tensors(json.loads((folder / f"{name}.json").read_text()), tensors)
 
@@ -159,12 +161,12 @@ def save_checkpoint(
     tmp.mkdir()
     save_file(_model_tensors(model), tmp / "model.safetensors")
     if optimizer is not None:
-        _save_structure(tmp, "optimizer", optimizer.state_dict())
+        save_structure(tmp, "optimizer", optimizer.state_dict())
     if booster is not None:
-        _save_structure(tmp, "booster", booster.state_dict())
+        save_structure(tmp, "booster", booster.state_dict())
     if scheduler is not None:
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    _save_structure(tmp, "rng", _rng_state())
+    save_structure(tmp, "rng", _rng_state())
     (tmp / "extra.json").write_text(json.dumps(extra or {}))
     manifest = {
         "step": step,
@@ -278,7 +280,7 @@ def load_checkpoint(
     for name, obj in (("optimizer", optimizer), ("booster", booster)):
         if obj is not None and not (folder / f"{name}.json").exists():
             raise CheckpointError(f"{folder} holds no {name} state")
-    booster_state = _load_structure(folder, "booster") if booster is not None else None
+    booster_state = load_structure(folder, "booster") if booster is not None else None
     if booster is not None and booster_state["config"] != booster.config.to_dict():
         raise CheckpointError(f"{folder}: booster was saved with a different XGBLoRAConfig")
     tensors = load_file(folder / "model.safetensors")
@@ -287,7 +289,7 @@ def load_checkpoint(
             if key in tensors:
                 target.copy_(tensors[key])
     if optimizer is not None:
-        opt_state = _load_structure(folder, "optimizer")
+        opt_state = load_structure(folder, "optimizer")
         # JSON turned the per-parameter index keys into strings; the optimizer wants ints.
         opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
         optimizer.load_state_dict(opt_state)
@@ -296,5 +298,5 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     if restore_rng:
-        _set_rng_state(_load_structure(folder, "rng"))
+        _set_rng_state(load_structure(folder, "rng"))
     return json.loads((folder / "extra.json").read_text())

@@ -419,7 +419,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``xgblora-fast-inspect``); returns the exit status."""
+    """Entry point of ``xgblora-fast inspect`` / ``python -m xgblora_fast.inspect``: exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Under the interpreter @triton.jit builds interpreter objects, which cannot be
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(cmd, env=env, check=False).returncode
 
     parser = argparse.ArgumentParser(
-        prog="xgblora-fast-inspect", description=__doc__.split("\n")[0]
+        prog="xgblora-fast inspect", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--json", action="store_true", help="print one JSON array")
     parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))

@@ -1,0 +1,227 @@
+"""The finetune engine and CLI on tiny offline models; the demo data parser on a fake archive."""
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from xgblora_fast import cli, data, finetune
+from xgblora_fast.boosting import XGBLoRAConfig
+
+WORDS = [f"w{i}" for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tokenizer plus a tiny BERT classifier body and a tiny GPT-2, saved like hub models."""
+    root = tmp_path_factory.mktemp("models")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert tokenizer("w3 good")["input_ids"] == [2, words.index("w3"), 5, 3]
+    torch.manual_seed(0)
+    bert = root / "bert"
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    # Save only the body, so the classification head is fresh when loaded (as from the hub).
+    BertForSequenceClassification(cfg).bert.save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    gpt = root / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    ).save_pretrained(gpt)
+    tokenizer.save_pretrained(gpt)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    lines = ["text,label"]
+    for i in range(240):
+        label = i % 2
+        noise = " ".join(WORDS[int(j)] for j in torch.randint(0, 20, (4,), generator=g))
+        word = "good" if label else "bad"
+        lines.append(f"{noise} {word} {noise},{'pos' if label else 'neg'}")
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def config(tiny_folder, sentiment_csv, tmp_path, **kw):
+    # Every block active and 10-step rounds: on this tiny random model shorter rounds or fewer
+    # blocks per round do not learn the task in so few steps (see the accuracy issue).
+    xgb = XGBLoRAConfig(
+        target_modules=finetune.DEFAULT_TARGETS,
+        alpha=2.0,
+        kappa=10,
+        layers_per_round=1.0,
+        total_steps=kw.get("steps", 60),
+    )
+    base = dict(
+        model=str(tiny_folder / "bert"),
+        data=str(sentiment_csv),
+        output=str(tmp_path / "run"),
+        steps=60,
+        batch_size=16,
+        lr=3e-2,
+        head_lr=1e-2,
+        eval_every=30,
+        max_length=16,
+        xgblora=xgb,
+    )
+    return finetune.FinetuneConfig(**(base | kw))
+
+
+@pytest.mark.parametrize(("method", "lr"), [("xgblora", 3e-2), ("lora", 1e-2), ("full", 1e-2)])
+def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp_path, method, lr):
+    summary = finetune.run(config(tiny_folder, sentiment_csv, tmp_path, method=method, lr=lr))
+    assert summary["after"]["accuracy"] >= 0.9
+    assert summary["after"]["accuracy"] > summary["before"]["accuracy"] + 0.2
+    run = tmp_path / "run"
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["after"] == summary["after"]
+    assert [e["step"] for e in saved["evals"]] == [0, 30, 60]
+    assert (run / "training.png").stat().st_size > 1000
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    keys = set(model.state_dict())
+    assert not any("lora" in k for k in keys)
+    assert keys == set(BertForSequenceClassification(model.config).state_dict())
+    if method == "xgblora":
+        history = json.loads((run / "history.json").read_text())["rounds"]
+        assert len(history) == 60 // 10
+        assert summary["trainable_params_per_step"] < summary["cumulative_trainable_params"]
+
+
+def test_finetune_merged_model_reproduces_the_run_accuracy(tiny_folder, sentiment_csv, tmp_path):
+    cfg = config(tiny_folder, sentiment_csv, tmp_path, dtype="bfloat16", steps=30, eval_every=0)
+    summary = finetune.run(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert model.dtype == torch.bfloat16  # saved in the base dtype
+    tokenizer = BertTokenizerFast.from_pretrained(tmp_path / "run" / "model")
+    _, test_rows = finetune.load_rows(cfg)
+    reloaded = finetune.evaluate(model, tokenizer, test_rows, cfg)
+    assert reloaded["accuracy"] == pytest.approx(summary["after"]["accuracy"], abs=1e-9)
+
+
+def test_finetune_causal_lm(tiny_folder, tmp_path):
+    path = tmp_path / "lm.jsonl"
+    # Mostly one token: a low-rank pattern that rank-1 boosters learn in a few rounds.
+    texts = [" ".join(["good"] * 6 + [WORDS[i]] + ["good"] * 3) for i in range(12)]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cfg = config(
+        tiny_folder,
+        path,
+        tmp_path,
+        model=str(tiny_folder / "gpt2"),
+        data=str(path),
+        task="causal-lm",
+        test_size=0.25,
+        steps=60,
+        eval_every=0,
+    )
+    summary = finetune.run(cfg)
+    assert summary["after"]["perplexity"] < 0.8 * summary["before"]["perplexity"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert set(model.state_dict()) == set(GPT2LMHeadModel(model.config).state_dict())
+
+
+def test_finetune_resume_from_checkpoint(tiny_folder, sentiment_csv, tmp_path):
+    straight = finetune.run(config(tiny_folder, sentiment_csv, tmp_path / "a", eval_every=0))
+    cfg = config(tiny_folder, sentiment_csv, tmp_path / "b", eval_every=0, save_every=25)
+    interrupted = finetune.run(dataclasses.replace(cfg, stop_after=25))  # a preempted job
+    assert interrupted["train_loss"] == straight["train_loss"][:25]
+    resumed = finetune.run(dataclasses.replace(cfg, resume=True))
+    assert resumed["after"] == pytest.approx(straight["after"])
+    assert resumed["train_loss"] == straight["train_loss"][25:]
+
+
+def test_cli_maps_every_option(tmp_path):
+    args = cli.build_parser().parse_args(
+        [
+            "finetune",
+            "--layers-per-round",
+            "2",
+            "--target-modules",
+            "q_proj, v_proj",
+            "--kappa",
+            "7",
+            "--rounding",
+            "nearest",
+            "--steps",
+            "70",
+            "--method",
+            "lora",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    cfg = cli.config_from_args(args)
+    assert cfg.xgblora.layers_per_round == 2 and isinstance(cfg.xgblora.layers_per_round, int)
+    assert cfg.xgblora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.xgblora.kappa == 7 and cfg.xgblora.rounding == "nearest"
+    assert cfg.xgblora.total_steps == 70 and cfg.steps == 70 and cfg.method == "lora"
+    frac = cli.build_parser().parse_args(["finetune", "--layers-per-round", "0.5"])
+    assert cli.config_from_args(frac).xgblora.layers_per_round == 0.5
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    fields = {f.name for f in dataclasses.fields(finetune.FinetuneConfig)} - {"xgblora"}
+    fields |= {f.name for f in dataclasses.fields(XGBLoRAConfig)} - {"total_steps", "rounds"}
+    for name in fields:
+        flag = "--no-save-model" if name == "save_model" else "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+
+
+def _fake_sdist(path, snippets: str):
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        payload = snippets.encode("latin-1")
+        info = tarfile.TarInfo(f"hutto_ICWSM_2014/{data.SNIPPETS_FILE}")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{data.INNER_ARCHIVE}")
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+
+
+def test_movie_reviews_parser_reads_the_nested_archive(tmp_path):
+    sdist = tmp_path / data.SDIST_NAME
+    _fake_sdist(sdist, "1_1\t2.5\tA fine, café-style film\n1_2\t-1.0\tDull.\n1_3\t0.0\tMeh\n")
+    rows = data.movie_reviews(sdist)
+    assert rows == [{"text": "A fine, café-style film", "label": 1}, {"text": "Dull.", "label": 0}]
+
+
+def test_load_table_formats_and_errors(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("sentence,y\nhello,b\nworld,a\n")
+    assert data.load_table(csv_path, "sentence", "y") == [
+        {"text": "hello", "label": 1},
+        {"text": "world", "label": 0},
+    ]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "x", "label": 3}\n{"text": "y", "label": 1}\n')
+    assert [r["label"] for r in data.load_table(jsonl, "text", "label")] == [3, 1]
+    with pytest.raises(ValueError, match="missing column"):
+        data.load_table(csv_path, "text", "y")
+    with pytest.raises(ValueError, match=r"expected a \.csv"):
+        data.load_table(tmp_path / "d.parquet", "text", "y")
+    train, test = data.split_rows([{"text": str(i)} for i in range(10)], 0.3, seed=1)
+    assert len(test) == 3 and len(train) == 7
+    assert sorted(r["text"] for r in train + test) == sorted(str(i) for i in range(10))

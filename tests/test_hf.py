@@ -1,0 +1,107 @@
+"""transformers Trainer + XGBLoRACallback: rounds, merges and resume inside a real Trainer."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import xgblora_fast as xf
+from xgblora_fast.integrations.hf import XGBLoRACallback
+
+VOCAB = 64
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def dataset(n=64, seq=12):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(0, VOCAB, (1,), generator=g))
+        ids = (torch.arange(seq) * 3 + start) % VOCAB  # a learnable pattern
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def make_trainer(tmp_path, model, booster, max_steps, **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        **kw,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(),
+        callbacks=[XGBLoRACallback(booster, history_path=tmp_path / "history.json")],
+    )
+
+
+def test_trainer_runs_boosting_rounds_and_merges(tmp_path):
+    model = tiny_llama()
+    cfg = xf.XGBLoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], kappa=3, layers_per_round=1, seed=2
+    )
+    booster = xf.Booster(model, cfg)
+    base = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
+    trainer = make_trainer(tmp_path, model, booster, max_steps=9)
+    trainer.train()
+    history = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    assert [h["steps"] for h in history] == [[0, 3], [3, 6], [6, 9]]
+    assert all(h["loss"] is not None for h in history)
+    merged = {n for h in history for n in h["active"]}
+    for name, layer in booster.layers.items():
+        assert torch.equal(layer.weight, base[name]) == (name not in merged), name
+        assert torch.equal(layer.lora_b, torch.zeros_like(layer.lora_b))  # all merged
+    # Every round's active layers sit in one block (sample_by="block", one block per round).
+    for h in history:
+        assert len({n.split(".")[2] for n in h["active"]}) == 1
+    # The Trainer's optimizer was reset for merged boosters: no state survives the last merge.
+    optimizer = trainer.optimizer
+    assert all(p not in optimizer.state for p in booster.parameters())
+    ids = torch.arange(10)[None] % VOCAB
+    with torch.no_grad():
+        adapted = model(ids).logits
+        plain = xf.eject(model)(ids).logits
+    torch.testing.assert_close(plain, adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_resume_restores_the_booster(tmp_path):
+    cfg = xf.XGBLoRAConfig(target_modules=["q_proj", "v_proj"], kappa=2, layers_per_round=1)
+    straight_model = tiny_llama()
+    straight = xf.Booster(straight_model, cfg)
+    make_trainer(tmp_path / "a", straight_model, straight, max_steps=8).train()
+
+    model = tiny_llama()
+    booster = xf.Booster(model, cfg)
+    make_trainer(tmp_path / "b", model, booster, max_steps=8, save_steps=5).train()
+    resumed_model = tiny_llama()
+    resumed = xf.Booster(resumed_model, cfg)
+    trainer = make_trainer(tmp_path / "b", resumed_model, resumed, max_steps=8)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-5"))
+    assert resumed.global_step == 8
+    assert [h["active"] for h in resumed.history] == [h["active"] for h in straight.history]
+    for key, value in straight_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=1e-6)

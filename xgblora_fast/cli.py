@@ -1,0 +1,139 @@
+"""``xgblora-fast``: the command line.
+
+xgblora-fast finetune                      # the embedded default: MiniLM on movie reviews
+xgblora-fast finetune --model DIR --data train.jsonl --task causal-lm --steps 2000
+xgblora-fast inspect --json                # AOT kernel report (sm_80 / sm_90)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from xgblora_fast.boosting import SAMPLE_BY, XGBLoRAConfig
+from xgblora_fast.finetune import DTYPES, METHODS, TASKS, FinetuneConfig
+from xgblora_fast.layer import INITS
+from xgblora_fast.ops.checks import ROUNDINGS
+
+
+def _fraction_or_count(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() and "." not in text else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xgblora-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model folder on a CSV/JSONL file (default: the embedded demo)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = FinetuneConfig()
+    x = d.xgblora
+    g = ft.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="model folder (default: embedded MiniLM)")
+    g.add_argument("--data", default=None, help="CSV/TSV/JSONL file (default: movie reviews)")
+    g.add_argument("--task", choices=TASKS, default=d.task)
+    g.add_argument("--text-column", default=d.text_column)
+    g.add_argument("--label-column", default=d.label_column, help="seq-cls labels (int or str)")
+    g.add_argument("--test-size", type=float, default=d.test_size, help="held-out fraction")
+    g.add_argument("--train-limit", type=int, default=None, help="use only this many train rows")
+    g.add_argument("--eval-limit", type=int, default=None, help="use only this many test rows")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text")
+    g.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="base weight dtype")
+    g = ft.add_argument_group("training")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="xgblora or a baseline")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate of the adapters")
+    g.add_argument("--head-lr", type=float, default=d.head_lr, help="lr of a fresh task head")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: only at end")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="for --method lora")
+    g = ft.add_argument_group("XGBLoRA")
+    g.add_argument(
+        "--target-modules",
+        default=x.target_modules,
+        help="regex on module names, or a comma-separated list of name suffixes",
+    )
+    g.add_argument("--alpha", type=float, default=x.alpha, help="booster scale s")
+    g.add_argument("--dropout", type=float, default=x.dropout, help="dropout on booster input")
+    g.add_argument("--kappa", type=int, default=x.kappa, help="optimizer steps per round")
+    g.add_argument(
+        "--layers-per-round",
+        type=_fraction_or_count,
+        default=x.layers_per_round,
+        help="L_s: a count (e.g. 2) or a fraction (e.g. 0.35) of the units",
+    )
+    g.add_argument("--sample-by", choices=SAMPLE_BY, default=x.sample_by)
+    g.add_argument("--merge-step", type=float, default=x.merge_step, help="alpha_t")
+    g.add_argument("--rounding", choices=ROUNDINGS, default=x.rounding, help="merge rounding")
+    g.add_argument("--init", choices=INITS, default=x.init, help="booster init of a")
+    g.add_argument("--weight-decay", type=float, default=x.weight_decay, help="on the boosters")
+    g.add_argument(
+        "--rewarm-steps",
+        type=int,
+        default=x.rewarm_steps,
+        help="linear lr re-warm-up after each merge (0: off)",
+    )
+    g = ft.add_argument_group("output")
+    g.add_argument("--output", default=d.output, help="folder for model, history, plot")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints")
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="end this job after N steps with a checkpoint (time-limited slots)",
+    )
+    g.add_argument(
+        "--no-save-model",
+        dest="save_model",
+        action="store_false",
+        help="skip writing the merged model",
+    )
+
+    ins = sub.add_parser("inspect", help="ahead-of-time kernel report (no GPU needed)")
+    ins.add_argument("args", nargs=argparse.REMAINDER, help="passed to xgblora_fast.inspect")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    targets = args.target_modules
+    if "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    booster_fields = {f.name for f in dataclasses.fields(XGBLoRAConfig)} - {"target_modules"}
+    xgb = XGBLoRAConfig(
+        target_modules=targets,
+        total_steps=args.steps,
+        **{k: v for k, v in vars(args).items() if k in booster_fields and k != "total_steps"},
+    )
+    ft_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"xgblora"}
+    return FinetuneConfig(xgblora=xgb, **{k: v for k, v in vars(args).items() if k in ft_fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "inspect":
+        from xgblora_fast import inspect
+
+        return inspect.main(args.args) or 0
+    from xgblora_fast.finetune import run
+
+    summary = run(config_from_args(args))
+    metric = "accuracy" if summary["task"] == "seq-cls" else "perplexity"
+    print(
+        f"{summary['method']}: test {metric} before {summary['before'][metric]:.4f}, "
+        f"after {summary['after'][metric]:.4f} ({summary['steps']} steps, "
+        f"{summary['seconds_per_step']:.2f} s/step); results in {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Fine-tune a model folder on a text data set with XGBLoRA (or a baseline) and evaluate it.
+
+This is the engine behind ``xgblora-fast finetune`` and the accuracy study in ``bench/``:
+
+- ``method="xgblora"``: rank-1 boosters on sampled layers, merged every ``kappa`` steps;
+- ``method="lora"``: peft LoRA of rank ``lora_rank`` on the same target modules (baseline);
+- ``method="full"``: every parameter trains (baseline).
+
+For sequence classification the freshly initialised head (the modules whose weights were missing
+from the checkpoint, e.g. ``classifier``) trains fully in every method, as peft's
+``modules_to_save`` does. Every method sees the same batches in the same order for a given seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from xgblora_fast import data as data_mod
+from xgblora_fast.boosting import Booster, XGBLoRAConfig
+from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
+from xgblora_fast.patching import eject
+
+METHODS = ("xgblora", "lora", "full")
+TASKS = ("seq-cls", "causal-lm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The attention and MLP projections of BERT-, Llama- and GPT-2-style models (not the task head).
+DEFAULT_TARGETS = (
+    r".*\.(query|key|value|dense|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    r"|c_attn|c_proj|c_fc)"
+)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; the CLI maps its options one to one onto these."""
+
+    model: str | None = None  # folder; None: the embedded MiniLM
+    data: str | None = None  # CSV/JSONL; None: the embedded movie review snippets
+    task: str = "seq-cls"
+    text_column: str = "text"
+    label_column: str = "label"
+    output: str = "runs/xgblora"
+    method: str = "xgblora"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    head_lr: float = 2e-3
+    warmup_ratio: float = 0.05
+    max_length: int = 64
+    test_size: float = 0.2
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_every: int = 50
+    dtype: str = "float32"
+    seed: int = 0
+    lora_rank: int = 8
+    save_every: int = 0
+    resume: bool = False
+    stop_after: int | None = None  # end this job early (a time-limited slot); resume continues
+    save_model: bool = True
+    xgblora: XGBLoRAConfig = dataclasses.field(
+        default_factory=lambda: XGBLoRAConfig(
+            target_modules=DEFAULT_TARGETS, alpha=2.0, kappa=10, layers_per_round=0.35
+        )
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+
+# ---------------------------------------------------------------- data
+def load_rows(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+    """Train and test rows (``{"text"[, "label"]}``), split with the run's seed."""
+    if cfg.data is None:
+        rows = data_mod.movie_reviews()
+    else:
+        label = cfg.label_column if cfg.task == "seq-cls" else None
+        rows = data_mod.load_table(cfg.data, cfg.text_column, label)
+    train, test = data_mod.split_rows(rows, cfg.test_size, seed=1234)  # fixed split: fair
+    if cfg.train_limit:
+        train = train[: cfg.train_limit]
+    if cfg.eval_limit:
+        test = test[: cfg.eval_limit]
+    return train, test
+
+
+def batch_order(n_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices of every training batch: seeded epochs of shuffled rows."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n_rows, generator=g).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def encode(tokenizer, rows: list[dict], max_length: int, task: str) -> dict[str, torch.Tensor]:
+    enc = tokenizer(
+        [r["text"] for r in rows],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    if task == "seq-cls":
+        enc["labels"] = torch.tensor([r["label"] for r in rows])
+    else:
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        enc["labels"] = labels
+    return dict(enc)
+
+
+# ---------------------------------------------------------------- model
+def load_model(cfg: FinetuneConfig, num_labels: int):
+    """``(model, tokenizer, names of freshly initialised modules)``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path = cfg.model or data_mod.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = DTYPES[cfg.dtype]
+    if cfg.task == "seq-cls":
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, output_loading_info=True
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True
+        )
+    fresh = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+    return model, tokenizer, fresh
+
+
+def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
+    """Set up the trainable parameters: ``(model, booster or None, param groups)``."""
+    head_params = [p for name in fresh for p in model.get_submodule(name).parameters()]
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        head_ids = {id(p) for p in head_params}
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        return model, None, [{"params": body, "lr": cfg.lr}]
+    if cfg.method == "lora":
+        import peft
+
+        lora = peft.LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.xgblora.alpha * cfg.lora_rank,  # same scaling s as the boosters
+            target_modules=cfg.xgblora.target_modules,
+            lora_dropout=cfg.xgblora.dropout,
+            modules_to_save=fresh or None,
+        )
+        model = peft.get_peft_model(model, lora)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        head_ids = {id(p) for n, p in model.named_parameters() if "modules_to_save" in n}
+        return (
+            model,
+            None,
+            [
+                {
+                    "params": [p for p in trainable if id(p) not in head_ids],
+                    "lr": cfg.lr,
+                    "weight_decay": cfg.xgblora.weight_decay,
+                },
+                {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr},
+            ],
+        )
+    booster = Booster(model, cfg.xgblora)
+    for p in head_params:
+        p.requires_grad_(True)
+    groups = [*booster.param_groups(lr=cfg.lr), {"params": head_params, "lr": cfg.head_lr}]
+    return model, booster, groups
+
+
+# ---------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(model, tokenizer, rows, cfg: FinetuneConfig, batch_size: int = 128) -> dict:
+    """Seq-cls: accuracy and loss; causal LM: loss and perplexity."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        enc = encode(tokenizer, rows[i : i + batch_size], cfg.max_length, cfg.task)
+        out = model(**enc)
+        n = len(rows[i : i + batch_size])
+        total_loss += float(out.loss) * n
+        if cfg.task == "seq-cls":
+            correct += int((out.logits.argmax(-1) == enc["labels"]).sum())
+        count += n
+    model.train(was_training)
+    result = {"loss": total_loss / count}
+    if cfg.task == "seq-cls":
+        result["accuracy"] = correct / count
+    else:
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+# ---------------------------------------------------------------- run
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune, evaluate before and after, save the merged model, history and plot.
+
+    Returns a summary dict (also written to ``output/summary.json``).
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows, test_rows = load_rows(cfg)
+    num_labels = len({r["label"] for r in train_rows}) if cfg.task == "seq-cls" else 0
+    model, tokenizer, fresh = load_model(cfg, num_labels)
+    model, booster, groups = prepare_method(cfg, model, fresh)
+    trainable_per_step = sum(p.numel() for g in groups for p in g["params"])
+    if booster is not None:  # only the active boosters (and the head) train at a time
+        active = sum(
+            booster.layers[n].in_features + booster.layers[n].out_features for n in booster.active
+        )
+        trainable_per_step = active + sum(p.numel() for g in groups[1:] for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    if booster is not None:
+        booster.attach(optimizer)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
+    )
+    batches = batch_order(len(train_rows), cfg.batch_size, cfg.steps, cfg.seed)
+    before = evaluate(model, tokenizer, test_rows, cfg)
+    evals = [{"step": 0, **before}]
+    start_step = 0
+    ckpt_dir = out / "checkpoints"
+    if cfg.resume and (ckpt_dir / "latest").exists():
+        extra = load_checkpoint(ckpt_dir, model, booster, optimizer, scheduler)
+        start_step, evals = extra["step"], extra["evals"]
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)
+    bar = tqdm(range(start_step, last), desc=f"fine-tune ({cfg.method})", unit="step")
+    for step in bar:
+        enc = encode(tokenizer, [train_rows[i] for i in batches[step]], cfg.max_length, cfg.task)
+        loss = model(**enc).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if booster is not None:
+            booster.step(losses[-1])
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            evals.append({"step": step + 1, **evaluate(model, tokenizer, test_rows, cfg)})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in evals[-1].items() if k != "step"})
+        stopping = step + 1 == last < cfg.steps
+        if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(
+                ckpt_dir,
+                model,
+                booster,
+                optimizer,
+                scheduler,
+                extra={"step": step + 1, "evals": evals},
+                step=step + 1,
+            )
+    if last < cfg.steps:  # stopped early: the checkpoint carries the run on (--resume)
+        return {"method": cfg.method, "stopped_at": last, "train_loss": losses}
+    seconds = time.perf_counter() - t0
+    if booster is not None:
+        booster.finish()
+    after = evaluate(model, tokenizer, test_rows, cfg)
+    evals.append({"step": cfg.steps, **after})
+    summary = {
+        "method": cfg.method,
+        "task": cfg.task,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "before": before,
+        "after": after,
+        "seconds_per_step": seconds / max(1, cfg.steps - start_step),
+        "trainable_params_per_step": trainable_per_step,
+        "cumulative_trainable_params": (
+            booster.history[-1]["cumulative_trainable_params"]
+            if booster and booster.history
+            else trainable_per_step
+        ),
+        "evals": evals,
+        "train_loss": losses,
+    }
+    if booster is not None:
+        booster.save_history(str(out / "history.json"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_run(summary, booster, out / "training.png")
+    if cfg.save_model:
+        save_merged(model, tokenizer, booster, cfg, out / "model")
+    return summary
+
+
+def save_merged(model, tokenizer, booster, cfg: FinetuneConfig, folder: Path) -> None:
+    """The merged model with the original architecture, keys and dtype (plus the tokenizer)."""
+    if booster is not None:
+        model = eject(model)
+    elif cfg.method == "lora":
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def plot_run(summary: dict, booster: Booster | None, path: Path) -> None:
+    """Training loss (per round for XGBLoRA, smoothed per step otherwise) and the eval metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
+    if booster is not None and booster.history:
+        ends = [h["steps"][1] for h in booster.history if h["loss"] is not None]
+        ax_loss.plot(ends, [h["loss"] for h in booster.history if h["loss"] is not None], ".-")
+        ax_loss.set_xlabel("step (end of round)")
+        ax_loss.set_title("mean training loss per boosting round")
+    else:
+        losses = summary["train_loss"]
+        window = max(1, len(losses) // 30)
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1])
+            / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax_loss.plot(range(1, len(losses) + 1), smooth)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_title("training loss (moving average)")
+    metric = "accuracy" if summary["task"] == "seq-cls" else "perplexity"
+    ax_eval.plot([e["step"] for e in summary["evals"]], [e[metric] for e in summary["evals"]], "o-")
+    ax_eval.set_xlabel("step")
+    ax_eval.set_title(f"test {metric}")
+    fig.suptitle(
+        f"{summary['method']}: {metric} {summary['before'][metric]:.3f} -> "
+        f"{summary['after'][metric]:.3f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
