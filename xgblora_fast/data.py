@@ -31,8 +31,9 @@ LABEL_NAMES = ["negative", "positive"]
 
 
 def cache_dir() -> Path:
-    """``$XGBLORA_FAST_CACHE`` or ``~/.cache/xgblora-fast``."""
-    return Path(os.environ.get("XGBLORA_FAST_CACHE", Path.home() / ".cache" / "xgblora-fast"))
+    """``$XGBLORA_FAST_CACHE/data`` (default ``~/.cache/xgblora_fast/data``)."""
+    root = os.environ.get("XGBLORA_FAST_CACHE", Path.home() / ".cache" / "xgblora_fast")
+    return Path(root) / "data"
 
 
 def default_model_path() -> str:

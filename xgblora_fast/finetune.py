@@ -232,11 +232,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     model, tokenizer, fresh = load_model(cfg, num_labels)
     model, booster, groups = prepare_method(cfg, model, fresh)
     trainable_per_step = sum(p.numel() for g in groups for p in g["params"])
+    head_params = 0
     if booster is not None:  # only the active boosters (and the head) train at a time
+        head_params = sum(p.numel() for g in groups[1:] for p in g["params"])
         active = sum(
             booster.layers[n].in_features + booster.layers[n].out_features for n in booster.active
         )
-        trainable_per_step = active + sum(p.numel() for g in groups[1:] for p in g["params"])
+        trainable_per_step = active + head_params
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     if booster is not None:
         booster.attach(optimizer)
@@ -297,7 +299,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "seconds_per_step": seconds / max(1, cfg.steps - start_step),
         "trainable_params_per_step": trainable_per_step,
         "cumulative_trainable_params": (
-            booster.history[-1]["cumulative_trainable_params"]
+            booster.history[-1]["cumulative_trainable_params"] + head_params
             if booster and booster.history
             else trainable_per_step
         ),

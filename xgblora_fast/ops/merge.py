@@ -27,7 +27,8 @@ def _merge_triton(weight, a, b, scale, stochastic, seed):
 
 
 def _merge_cuda(weight, a, b, scale, stochastic, seed):
-    native_module().rank1_merge_(weight, a, b, scale, stochastic, seed)
+    native_module()  # loads the extension (registering its ops) on first use
+    torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, stochastic, seed)
 
 
 _MERGE = {"torch": reference.merge_reference_, "triton": _merge_triton, "cuda": _merge_cuda}

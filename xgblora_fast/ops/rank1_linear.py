@@ -63,11 +63,20 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
 
 
 def _forward_cuda(x, weight, bias, a, b, scale, x_adapter):
-    return native_module().rank1_linear_fwd(x, weight, bias, a, b, scale, x_adapter)
+    # native_module() loads the extension (registering its ops) on first use.
+    native_module()
+    y, u = torch.ops.xgblora_fast.cuda_rank1_linear_fwd(x, weight, bias, a, b, scale, x_adapter)
+    return y, u
 
 
-def _backward_cuda(*args):
-    return native_module().rank1_linear_bwd(*args)
+def _backward_cuda(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
+    native_module()
+    # Outputs that were not needed come back as None (undefined tensors in C++).
+    return tuple(
+        torch.ops.xgblora_fast.cuda_rank1_linear_bwd(
+            dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
+        )
+    )
 
 
 _FORWARD = {
