@@ -52,7 +52,7 @@ class FinetuneConfig:
     method: str = "xgblora"
     steps: int = 300
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-3
     head_lr: float = 2e-3
     warmup_ratio: float = 0.05
     max_length: int = 64

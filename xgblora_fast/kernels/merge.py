@@ -13,7 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from xgblora_fast.kernels.rng import counter_hash, round_nearest, round_stochastic
+from xgblora_fast.kernels.rng import (
+    counter_hash,
+    round_nearest,
+    round_stochastic,
+    to_float32_exact,
+)
 
 MERGE_BLOCK_M = 16
 MERGE_BLOCK_K = 256
@@ -49,9 +54,9 @@ def rank1_merge_kernel(
     mask = mask_m[:, None] & mask_k[None, :]
     ptrs = w_ptr + rm[:, None].to(tl.int64) * stride_wm + rk[None, :].to(tl.int64) * stride_wk
 
-    w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
+    w = to_float32_exact(tl.load(ptrs, mask=mask, other=0.0))
+    a = to_float32_exact(tl.load(a_ptr + rk, mask=mask_k, other=0.0))
+    b = to_float32_exact(tl.load(b_ptr + rm, mask=mask_m, other=0.0))
     sb = scale * b
     value = w + sb[:, None] * a[None, :]
 

@@ -34,6 +34,20 @@ def counter_hash(seed, idx):
 
 
 @triton.jit
+def to_float32_exact(x):
+    """``x`` (fp32/fp16/bf16) widened to fp32; bf16 through its bits, exact on every target.
+
+    The Triton interpreter widens bf16 values in fp32's subnormal range wrongly; shifting the
+    16 bits into the top half of an fp32 word is the exact widening everywhere.
+    """
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def round_nearest(value, DTYPE: tl.constexpr):
     """fp32 ``value`` rounded to nearest-even in ``DTYPE`` (finite inputs).
 
@@ -60,7 +74,7 @@ def round_toward_zero(value, DTYPE: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         nearest = value.to(DTYPE)
-        overshoot = tl.abs(nearest.to(tl.float32)) > tl.abs(value)
+        overshoot = tl.abs(to_float32_exact(nearest)) > tl.abs(value)
         stepped = (nearest.to(tl.int16, bitcast=True) - 1).to(DTYPE, bitcast=True)
         return tl.where(overshoot, stepped, nearest)
 
@@ -76,8 +90,8 @@ def round_stochastic(value, bits, DTYPE: tl.constexpr):
     """
     t = round_toward_zero(value, DTYPE)
     n = (t.to(tl.int16, bitcast=True) + 1).to(DTYPE, bitcast=True)
-    t32 = t.to(tl.float32)
-    gap = tl.abs(n.to(tl.float32) - t32)
+    t32 = to_float32_exact(t)
+    gap = tl.abs(to_float32_exact(n) - t32)
     u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
     go_up = tl.abs(value - t32) > u * gap
     return tl.where(go_up, n, t)

@@ -131,12 +131,13 @@ def rank1_linear_backward_reference(
     v = dy.float() @ b.float()
     dx = dx_adapter = da = db = dbias = None
     if need_dx:
-        rank1 = torch.outer(v, a.float()).mul_(scale)
-        if x_adapter is None:
-            dx = ((dy @ weight).float() + rank1).to(x.dtype)
+        dx = dy @ weight
+        if x_adapter is not None:
+            dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
+        elif dx.dtype == torch.float32:
+            dx.addr_(v, a.float(), alpha=scale)  # in place: no N x K temporary
         else:
-            dx = (dy @ weight).to(x.dtype)
-            dx_adapter = rank1.to(x.dtype)
+            dx = dx.float().addr_(v, a.float(), alpha=scale).to(x.dtype)
     if need_dab:
         xa = x if x_adapter is None else x_adapter
         da = (xa.float().t() @ v).mul_(scale)
