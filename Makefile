@@ -9,7 +9,7 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 # Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.
 export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
-.PHONY: install test demo lint inspect build-cuda clean
+.PHONY: install test demo accuracy bench bench-quick lint inspect build-cuda clean
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ test: lint
 # The embedded default: the MiniLM encoder (installed with the package) on movie reviews.
 demo: $(STAMP)
 	$(PY) -m xgblora_fast.cli finetune --output runs/demo
+
+# The accuracy study (XGBLoRA vs LoRA r=1/r=8 vs full fine-tuning, 3 seeds, ablations; ~1 h).
+accuracy: $(STAMP)
+	$(PY) bench/accuracy.py
+
+# Microbenchmarks + memory benchmark (CPU ~10 min; on a CUDA machine the GPU suite); results,
+# summaries and plots in bench/results/. bench-quick: small shapes and a tiny model (~1.5 min).
+bench: $(STAMP)
+	$(PY) bench/memory.py
+	$(PY) bench/microbench.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/memory.py --quick
+	$(PY) bench/microbench.py --quick
 
 inspect: $(STAMP)
 	$(PY) -m xgblora_fast.inspect

@@ -135,6 +135,9 @@ def plot(results: dict, path: Path) -> None:
     stats = [mean_sd([r["after"]["accuracy"] for r in results["main"][n]]) for n in names]
     ax = axes[0][0]
     ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
+    for i, name in enumerate(names):  # every seed as a dot: 3 seeds say more than a bar
+        accs = [r["after"]["accuracy"] for r in results["main"][name]]
+        ax.plot([i] * len(accs), accs, "k.", alpha=0.6)
     ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.set_ylim(min(m for m, _ in stats) - 0.05, max(m for m, _ in stats) + 0.03)
     ax.set_ylabel("test accuracy")
@@ -161,14 +164,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-limit", type=int, default=None, help="test rows (default: all)")
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    p.add_argument("--report-only", action="store_true", help="re-render OUT/accuracy.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.out / "accuracy.json").read_text())
+        args.steps, args.seeds = results["steps"], results["seeds"]
+        args.batch_size = results.get("batch_size", args.batch_size)
+        write_report(results, args)
+        print((args.out / "accuracy.md").read_text())
+        return
     jobs = [("main", name, opts, seed) for name, opts in METHODS.items() for seed in args.seeds]
     if args.ablations:
         base = METHODS["XGBLoRA (rank-1 boosting)"]
         jobs += [
             ("ablations", name, base + opts, args.seeds[0]) for name, opts in ABLATIONS.items()
         ]
-    results: dict = {"main": {}, "ablations": {}, "steps": args.steps, "seeds": args.seeds}
+    results: dict = {
+        "main": {},
+        "ablations": {},
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+    }
     for kind, name, opts, seed in tqdm(jobs, desc="accuracy study", unit="run"):
         summary = run_one([*opts, "--batch-size", str(args.batch_size)], seed, args)
         if kind == "main":

@@ -6,6 +6,15 @@ resulting cubin is inspected:
 
     python -m xgblora_fast.inspect            # readable table
     python -m xgblora_fast.inspect --json     # one JSON array, one object per row
+    python -m xgblora_fast.inspect --roofline [--shape N K M] [--json] [--no-compile]
+
+``--roofline`` prints the roofline model of ``xgblora_fast/roofline.py`` for one layer shape
+(default ``N=16384, K=4096, M=4096``, the ``--dtype`` of the GEMM): per kernel of the fused path,
+of the frozen-GEMM floor and of peft's unfused LoRA path the FLOPs, minimum bytes and the
+predicted time at H100 ceilings, with the compile data below joined onto the Triton kernels
+(``--no-compile`` skips the compilation); then the operation totals, labelled "measured" where
+``bench/results/microbench_cuda.json`` holds a GPU run of that shape (``--measured`` names
+another file). Its ``--json`` rows are documented in ``roofline.roofline_rows``.
 
 Each row (``compile_report`` returns them as dicts) has:
 
@@ -59,6 +68,7 @@ from triton.backends.nvidia.compiler import CUDAOptions
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from xgblora_fast import roofline
 from xgblora_fast.kernels import merge, rank1_gemm, rank1_reduce
 from xgblora_fast.kernels.runtime import dot_precision
 
@@ -435,7 +445,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--dtype", choices=sorted(GEMM_DTYPES), default="bf16", help="GEMM dtype")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--roofline", action="store_true", help="the roofline model (see above)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("N", "K", "M"),
+        default=list(roofline.DEFAULT_SHAPE),
+        help="--roofline: tokens N, in_features K, out_features M",
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="--roofline without the compile data"
+    )
+    parser.add_argument(
+        "--measured",
+        type=Path,
+        default=roofline.MEASURED_PATH,
+        help="--roofline: microbenchmark JSON of a GPU run (default bench/results/...cuda.json)",
+    )
     args = parser.parse_args(argv)
+
+    if args.roofline:
+        n, k, m = args.shape
+        compiled = (
+            [] if args.no_compile else compile_report(tuple(args.arch), args.dtype, args.jobs)
+        )
+        measured = roofline.load_measured(args.measured, n, k, m, args.dtype)
+        rows = roofline.roofline_rows(n, k, m, args.dtype, compile_rows=compiled, measured=measured)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(roofline.format_roofline(rows, n, k, m, args.dtype))
+        return 0
 
     start = time.perf_counter()
     rows = compile_report(tuple(args.arch), args.dtype, args.jobs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 _MASK32 = 0xFFFFFFFF
-_MERGE_CHUNK_ELEMENTS = 1 << 22  # bounds the fp32 temporary of the CPU merge to 16 MiB
+_MERGE_CHUNK_ELEMENTS = 1 << 20  # bounds the CPU merge's temporaries to a few MiB per chunk
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -74,13 +74,20 @@ def merge_reference_(
     for r0 in range(0, M, rows):
         r1 = min(r0 + rows, M)
         w = weight[r0:r1]
-        value = w.float() + sb[r0:r1, None] * a32[None, :]
-        if stochastic and weight.dtype != torch.float32:
+        # One fp32 chunk: the product rounded, then the sum rounded (no fused multiply-add,
+        # exactly as the kernels do); w + value == value + w bit for bit.
+        value = torch.outer(sb[r0:r1], a32)
+        if weight.dtype == torch.float32:
+            w.add_(value)
+        elif stochastic:
+            value.add_(w)
             row_idx = torch.arange(r0, r1, device=weight.device, dtype=torch.int64)
             bits = counter_hash(seed, row_idx[:, None] * K + cols[None, :])
             w.copy_(round_stochastic(value, bits, weight.dtype))
+            del bits
         else:
-            w.copy_(value)
+            w.copy_(value.add_(w))
+        del value  # free this chunk's buffer before the next one is allocated
 
 
 def rank1_linear_forward_reference(
