@@ -9,7 +9,7 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 # Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.
 export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
-.PHONY: install test demo accuracy bench bench-quick lint inspect build-cuda clean
+.PHONY: install test demo accuracy bench bench-quick gpu-check lint inspect build-cuda clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/memory.py --quick
 	$(PY) bench/microbench.py --quick
+
+# All GPU work in one command on a CUDA machine with the dependencies installed (no set-up, no
+# network; PY=python3 outside the venv): versions, ceilings, GPU tests with compiled kernels,
+# quick GPU microbenchmarks, memory; < 8 min on an H100. OUT=dir (or $XGBLORA_FAST_OUT).
+gpu-check:
+	$(PY) bench/gpu_check.py $(if $(OUT),--out $(OUT))
 
 inspect: $(STAMP)
 	$(PY) -m xgblora_fast.inspect

@@ -47,13 +47,15 @@ def test_nearest_equals_rounded_fp32_sum(backend, dtype, record_error):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_triton_and_torch_write_the_same_bits(dtype, rounding):
-    """Same seed -> bit-identical weights on both backends, also for a transposed W view."""
+    """Same seed -> bit-identical weights on both backends; transposed W, strided a and b."""
     weight, a, b = make(70, 33, dtype, seed=2, update=1e-2)
     w_torch = weight.clone()
     w_triton_storage = weight.t().contiguous()  # [K, M] storage, merged through a view
     w_triton = w_triton_storage.t()
+    a_strided = torch.stack([a, -a], dim=1)[:, 0]  # strided views of the same values
+    b_strided = torch.stack([b, -b], dim=1)[:, 0]
     xf.merge_(w_torch, a, b, 1.0, rounding, seed=1234, backend="torch")
-    xf.merge_(w_triton, a, b, 1.0, rounding, seed=1234, backend="triton")
+    xf.merge_(w_triton, a_strided, b_strided, 1.0, rounding, seed=1234, backend="triton")
     assert torch.equal(bits_of(w_torch), bits_of(w_triton.contiguous()))
     assert not torch.equal(w_torch, weight)
 

@@ -81,6 +81,7 @@ def rank1_merge_triton_(
     ``a [K]`` and ``b [M]`` are fp32 or ``weight``'s dtype; arguments are validated by the caller.
     """
     M, K = weight.shape
+    a, b = a.contiguous(), b.contiguous()  # the kernel reads the vectors with unit stride
     grid = (triton.cdiv(M, MERGE_BLOCK_M), triton.cdiv(K, MERGE_BLOCK_K))
     rank1_merge_kernel[grid](
         weight,

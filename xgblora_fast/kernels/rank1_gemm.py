@@ -163,7 +163,7 @@ def rank1_gemm_triton(
     Args:
         inp: ``[N, K]`` fp32/fp16/bf16, any strides.
         b_matrix: ``[M, K]`` same dtype as ``inp``, any strides (pass ``W`` or ``W.t()``).
-        bias: ``[M]`` or None.
+        bias: ``[M]`` or None (vectors may be strided views; they are made contiguous).
         vin: ``[K]``: compute ``r = inp @ vin`` in the K loop and return it (fp32 ``[N]``).
         vout: ``[M]``: add ``s * r vout^T`` in the epilogue (needs ``vin`` or ``rowdot``).
         rowdot: ``[N]`` fp32 ``r`` computed elsewhere (the dropout path).
@@ -172,6 +172,10 @@ def rank1_gemm_triton(
     """
     N, K = inp.shape
     M = b_matrix.shape[0]
+    # The kernel indexes the vectors with unit stride (matrices go by their strides).
+    vin, vout, bias, rowdot = (
+        None if v is None else v.contiguous() for v in (vin, vout, bias, rowdot)
+    )
     out = torch.empty((N, M), device=inp.device, dtype=inp.dtype)
     computed = torch.empty(N, device=inp.device, dtype=torch.float32) if vin is not None else None
     rowdot_buf = computed if computed is not None else rowdot

@@ -1,0 +1,309 @@
+"""The kernels on a CUDA device, compiled (not interpreted), against float64 references.
+
+- ``rank1_linear`` on every backend (``triton``: ``rank1_gemm_kernel`` for the forward and
+  ``dx``, ``weighted_colsum_kernel`` for ``da``/``db``/``dbias``; ``cuda``: the C++ extension,
+  built on the spot when missing; ``torch``: the reference path on cuBLAS): outputs and the
+  gradients of x, a, b, bias against float64 on the CPU; fp32/fp16/bf16; N = 1, sizes divisible
+  by no block, 3-D and strided inputs, bf16 adapters, dropout, an empty batch.
+- ``merge_``: the weights written on the GPU by every backend are bit-identical to the CPU
+  reference's for the same seed (nearest and stochastic, also through a transposed view).
+- the counter hash and the rounding functions, compiled, against their torch twins.
+
+Run by ``bench/gpu_check.py``; skipped without a CUDA device or with interpreted kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import xgblora_fast as xf
+from xgblora_fast.kernels.rng import counter_hash as counter_hash_kernel
+from xgblora_fast.kernels.rng import round_stochastic as round_stochastic_kernel
+from xgblora_fast.ops import reference
+from xgblora_fast.ops.backend import triton_interpreting
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        triton_interpreting(),
+        reason="Triton kernels run in the interpreter here (TRITON_INTERPRET=1): "
+        "run them compiled with bench/gpu_check.py",
+    ),
+]
+
+# Normwise relative tolerance by dtype, as in tests/ops/test_rank1_linear.py.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LOW = [torch.float16, torch.bfloat16]
+# (leading dims of x, K, M): N=1, sizes that divide no block size, 3-D input, a square, sizes
+# past the largest tiles, a long K loop.
+SHAPES = [
+    ((1,), 33, 17),
+    ((37,), 70, 50),
+    ((3, 11), 45, 66),
+    ((64,), 96, 80),
+    ((300,), 1031, 517),
+    ((2, 129), 4099, 257),
+]
+CUDA = torch.device("cuda")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |got - ref| / max |ref|`` in float64 on the CPU."""
+    got64 = got.detach().cpu().double()
+    return ((got64 - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
+    """CPU tensors ``(x, weight, bias, a, b, dy)``, the same draws as the CPU tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    weight = (torch.randn(M, K, generator=g) / K**0.5).to(dtype)
+    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
+    a = torch.randn(K, generator=g).to(adapter_dtype)
+    b = torch.randn(M, generator=g).to(adapter_dtype)
+    dy = torch.randn(*lead, M, generator=g).to(dtype)
+    return x, weight, bias, a, b, dy
+
+
+def float64_reference(x, weight, bias, a, b, scale, dy):
+    """Output and gradients of x, a, b (and bias) in float64 on the CPU, by autograd."""
+    x64, a64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, a, b))
+    bias64 = bias.detach().cpu().double().requires_grad_() if bias is not None else None
+    y = x64 @ weight.detach().cpu().double().t() + scale * (x64 @ a64)[..., None] * b64
+    if bias64 is not None:
+        y = y + bias64
+    y.backward(dy.detach().cpu().double())
+    grads = {"x": x64.grad, "a": a64.grad, "b": b64.grad}
+    if bias64 is not None:
+        grads["bias"] = bias64.grad
+    return y.detach(), grads
+
+
+def run_on_gpu(x, weight, bias, a, b, scale, dy, backend, dropout=0.0):
+    """``rank1_linear`` forward and backward on CUDA copies: ``(y, {leaf: grad})``."""
+    leaves = {"x": x, "a": a, "b": b} | ({"bias": bias} if bias is not None else {})
+    leaves = {k: v.detach().to(CUDA).requires_grad_() for k, v in leaves.items()}
+    y = xf.rank1_linear(
+        leaves["x"],
+        weight.to(CUDA),
+        leaves.get("bias"),
+        leaves["a"],
+        leaves["b"],
+        scale,
+        backend=backend,
+        dropout=dropout,
+    )
+    y.backward(dy.to(CUDA))
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def check_against_reference(y, grads, y_ref, grads_ref, tol, record, backend, dtype) -> None:
+    err = rel_err(y, y_ref)
+    record("forward", backend, dtype, err)
+    assert err < tol, f"forward error {err:.2e}"
+    assert grads.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        assert grads[name].shape == ref.shape, name
+        err = rel_err(grads[name], ref)
+        record(f"grad_{name}", backend, dtype, err)
+        assert err < tol, f"grad of {name}: error {err:.2e}"
+
+
+# ---- rank1_linear -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64_reference(gpu_backend, dtype, shape, with_bias, record_error):
+    lead, K, M = shape
+    x, weight, bias, a, b, dy = make_inputs(lead, K, M, dtype, with_bias, seed=K * M)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 0.75, dy, gpu_backend)
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.75, dy)
+    assert y.shape == (*lead, M) and y.dtype == dtype and y.is_cuda
+    check_against_reference(
+        y, grads, y_ref, grads_ref, TOL[dtype], record_error, gpu_backend, dtype
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(gpu_backend, dtype, record_error):
+    """x a strided 3-D slice, W a transposed view, strided a and b: same as the reference."""
+    g = torch.Generator().manual_seed(7)
+    K, M = 40, 27
+    x = torch.randn(2, 19, 2 * K, generator=g).to(dtype).to(CUDA)[..., ::2]
+    weight = (torch.randn(K, M, generator=g) / K**0.5).to(dtype).to(CUDA).t()
+    a = torch.randn(2 * K, generator=g).to(CUDA)[::2]
+    b = torch.randn(M, 3, generator=g).to(CUDA)[:, 1]
+    bias = torch.randn(M, generator=g).to(dtype).to(CUDA)
+    dy = torch.randn(2, 19, M, generator=g).to(dtype).to(CUDA)
+    assert not (x.is_contiguous() or weight.is_contiguous() or a.is_contiguous())
+    leaves = {"x": x, "a": a, "b": b, "bias": bias}
+    leaves = {k: v.detach().requires_grad_() for k, v in leaves.items()}  # strides kept
+    y = xf.rank1_linear(
+        leaves["x"], weight, leaves["bias"], leaves["a"], leaves["b"], 1.3, backend=gpu_backend
+    )
+    y.backward(dy)
+    grads = {k: v.grad for k, v in leaves.items()}
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 1.3, dy)
+    check_against_reference(
+        y, grads, y_ref, grads_ref, TOL[dtype], record_error, gpu_backend, dtype
+    )
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_adapters(gpu_backend, dtype):
+    """Adapters in the weight's dtype: gradients keep the dtypes and match the reference."""
+    x, weight, bias, a, b, dy = make_inputs((29,), 52, 36, dtype, True, seed=3, adapter_dtype=dtype)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 0.5, dy, gpu_backend)
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.5, dy)
+    assert grads["a"].dtype == dtype and grads["b"].dtype == dtype and grads["x"].dtype == dtype
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < TOL[dtype], name
+
+
+def test_only_requested_gradients(gpu_backend):
+    """x without grad: only the adapter's gradients (no dx GEMM), and they are right."""
+    x, weight, _, a, b, dy = make_inputs((21,), 34, 30, torch.float32, False, seed=11)
+    a_leaf, b_leaf = a.to(CUDA).requires_grad_(), b.to(CUDA).requires_grad_()
+    x_gpu = x.to(CUDA)
+    y = xf.rank1_linear(x_gpu, weight.to(CUDA), None, a_leaf, b_leaf, 2.0, backend=gpu_backend)
+    y.backward(dy.to(CUDA))
+    _, grads_ref = float64_reference(x, weight, None, a, b, 2.0, dy)
+    assert x_gpu.grad is None
+    assert rel_err(a_leaf.grad, grads_ref["a"]) < 1e-5
+    assert rel_err(b_leaf.grad, grads_ref["b"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_forward_and_gradients(gpu_backend, dtype):
+    """Train-mode dropout on the adapter's input, with the mask torch draws on the GPU."""
+    x, weight, bias, a, b, dy = make_inputs((45,), 62, 38, dtype, True, seed=13)
+    p = 0.3
+    torch.manual_seed(123)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 1.5, dy, gpu_backend, dropout=p)
+    torch.manual_seed(123)  # the same draw: F.dropout on a tensor of x's shape and dtype
+    x_dropped = torch.nn.functional.dropout(x.to(CUDA), p, training=True).cpu()
+    keep = (x_dropped != 0).double() / (1 - p)  # x holds no exact zeros
+    x64, a64, b64 = (t.double().requires_grad_() for t in (x, a, b))
+    y_ref = x64 @ weight.double().t() + bias.double() + 1.5 * ((x64 * keep) @ a64)[:, None] * b64
+    y_ref.backward(dy.double())
+    assert 0 < (x_dropped == 0).sum() < x.numel()
+    assert rel_err(y, y_ref.detach()) < TOL[dtype]
+    for name, ref in (("x", x64.grad), ("a", a64.grad), ("b", b64.grad)):
+        assert rel_err(grads[name], ref) < TOL[dtype], name
+
+
+def test_empty_batch(gpu_backend):
+    x = torch.randn(0, 12, device=CUDA, requires_grad=True)
+    a = torch.randn(12, device=CUDA, requires_grad=True)
+    weight, b = torch.randn(8, 12, device=CUDA), torch.randn(8, device=CUDA)
+    y = xf.rank1_linear(x, weight, None, a, b, 1.0, backend=gpu_backend)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+# ---- merge_ ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["row-major", "transposed", "strided-adapters"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(70, 33), (257, 1031), (1024, 4096)], ids=str)
+def test_merge_bits_identical_to_the_cpu_reference(gpu_backend, shape, dtype, rounding, layout):
+    """Same seed -> the GPU writes exactly the bits the CPU reference writes.
+
+    Also through a transposed view of W (``[K, M]`` storage) and with strided ``a``/``b``.
+    """
+    M, K = shape
+    g = torch.Generator().manual_seed(M + K)
+    weight = torch.randn(M, K, generator=g).to(dtype)
+    a = torch.randn(K, generator=g) * 1e-2
+    b = torch.randn(M, generator=g)
+    expected = weight.clone()
+    xf.merge_(expected, a, b, 0.9, rounding, seed=1234, backend="torch")
+    assert not torch.equal(expected, weight)
+    w = weight.t().contiguous().to(CUDA).t() if layout == "transposed" else weight.to(CUDA)
+    a_gpu, b_gpu = a.to(CUDA), b.to(CUDA)
+    if layout == "strided-adapters":
+        a_gpu = torch.stack([a_gpu, -a_gpu], dim=1)[:, 0]
+        b_gpu = torch.stack([b_gpu, -b_gpu], dim=1)[:, 0]
+        assert a_gpu.stride() == (2,) and b_gpu.stride() == (2,)
+    out = xf.merge_(w, a_gpu, b_gpu, 0.9, rounding, seed=1234, backend=gpu_backend)
+    assert out is w
+    assert torch.equal(bits_of(w.cpu()), bits_of(expected))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_stochastic_merge_other_seed_other_bits(gpu_backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 50, generator=g).to(dtype).to(CUDA)
+    a, b = (torch.randn(n, generator=g).to(CUDA) * 1e-2 for n in (50, 40))
+    results = []
+    for seed in (7, 7, 8):
+        w = weight.clone()
+        xf.merge_(w, a, b, 1.0, "stochastic", seed=seed, backend=gpu_backend)
+        results.append(bits_of(w))
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
+def test_merge_refusal_leaves_weight_untouched_and_near_overflow_merge_applies(gpu_backend):
+    weight = torch.zeros(12, 20, dtype=torch.float16, device=CUDA)
+    weight[0, 0] = 60000.0
+    a, b = torch.full((20,), 100.0, device=CUDA), torch.full((12,), 100.0, device=CUDA)
+    before = weight.clone()
+    with pytest.raises(ValueError, match="merge refused"):
+        xf.merge_(weight, a, b, 1.0, backend=gpu_backend)  # 60000 + 10000 overflows fp16
+    assert torch.equal(bits_of(weight), bits_of(before))
+    a[0] = 0.0  # the 10000 update now misses column 0, where the 60000 sits
+    xf.merge_(weight, a, b, 1.0, backend=gpu_backend)
+    assert weight[0, 0].item() == 60000.0 and weight[0, 1].item() == 10000.0
+    assert torch.isfinite(weight.float()).all()
+
+
+# ---- counter hash and rounding, compiled -----------------------------------------------------
+
+
+@triton.jit
+def _hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 64)
+    mask = offs < n
+    idx = tl.load(idx_ptr + offs, mask=mask)
+    bits = counter_hash_kernel(seed, idx)
+    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
+    value = tl.load(value_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, round_stochastic_kernel(value, bits, DTYPE), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
+    """Indices past 2**32, edge values (max finite, beyond it, subnormal, -0), compiled."""
+    idx = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62])
+    fmax = torch.finfo(dtype).max
+    beyond = min(2.0 * fmax, torch.finfo(torch.float32).max)
+    tiny = torch.finfo(dtype).smallest_normal
+    value = torch.tensor(
+        [1.0 / 3, -2.7, fmax, beyond, -beyond, tiny / 3, -tiny / 5, -0.0, 12345.678]
+    )
+    bits = torch.empty(idx.numel(), dtype=torch.int64, device=CUDA)
+    out = torch.empty(idx.numel(), dtype=dtype, device=CUDA)
+    tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    _hash_and_round_kernel[(1,)](
+        idx.to(CUDA), value.to(CUDA), bits, out, 2024, idx.numel(), DTYPE=tl_dtype
+    )
+    expected_bits = reference.counter_hash(2024, idx)
+    assert torch.equal(bits.cpu(), expected_bits)
+    expected = reference.round_stochastic(value, expected_bits, dtype)
+    assert torch.equal(bits_of(out.cpu()), bits_of(expected))
