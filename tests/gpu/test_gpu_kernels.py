@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 import triton.language as tl
+from kernel_checks import (
+    TOL,
+    bits_of,
+    float64_reference,
+    hash_and_round_kernel,
+    make_inputs,
+    rel_err,
+)
 
 import xgblora_fast as xf
-from xgblora_fast.kernels.rng import counter_hash as counter_hash_kernel
-from xgblora_fast.kernels.rng import round_stochastic as round_stochastic_kernel
 from xgblora_fast.ops import reference
 from xgblora_fast.ops.backend import triton_interpreting
 
@@ -35,8 +40,6 @@ pytestmark = [
     ),
 ]
 
-# Normwise relative tolerance by dtype, as in tests/ops/test_rank1_linear.py.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LOW = [torch.float16, torch.bfloat16]
 # (leading dims of x, K, M): N=1, sizes that divide no block size, 3-D input, a square, sizes
@@ -50,42 +53,6 @@ SHAPES = [
     ((2, 129), 4099, 257),
 ]
 CUDA = torch.device("cuda")
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |got - ref| / max |ref|`` in float64 on the CPU."""
-    got64 = got.detach().cpu().double()
-    return ((got64 - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
-    """CPU tensors ``(x, weight, bias, a, b, dy)``, the same draws as the CPU tests."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, K, generator=g).to(dtype)
-    weight = (torch.randn(M, K, generator=g) / K**0.5).to(dtype)
-    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
-    a = torch.randn(K, generator=g).to(adapter_dtype)
-    b = torch.randn(M, generator=g).to(adapter_dtype)
-    dy = torch.randn(*lead, M, generator=g).to(dtype)
-    return x, weight, bias, a, b, dy
-
-
-def float64_reference(x, weight, bias, a, b, scale, dy):
-    """Output and gradients of x, a, b (and bias) in float64 on the CPU, by autograd."""
-    x64, a64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, a, b))
-    bias64 = bias.detach().cpu().double().requires_grad_() if bias is not None else None
-    y = x64 @ weight.detach().cpu().double().t() + scale * (x64 @ a64)[..., None] * b64
-    if bias64 is not None:
-        y = y + bias64
-    y.backward(dy.detach().cpu().double())
-    grads = {"x": x64.grad, "a": a64.grad, "b": b64.grad}
-    if bias64 is not None:
-        grads["bias"] = bias64.grad
-    return y.detach(), grads
 
 
 def run_on_gpu(x, weight, bias, a, b, scale, dy, backend, dropout=0.0):
@@ -276,17 +243,6 @@ def test_merge_refusal_leaves_weight_untouched_and_near_overflow_merge_applies(g
 # ---- counter hash and rounding, compiled -----------------------------------------------------
 
 
-@triton.jit
-def _hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE: tl.constexpr):
-    offs = tl.arange(0, 64)
-    mask = offs < n
-    idx = tl.load(idx_ptr + offs, mask=mask)
-    bits = counter_hash_kernel(seed, idx)
-    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
-    value = tl.load(value_ptr + offs, mask=mask)
-    tl.store(out_ptr + offs, round_stochastic_kernel(value, bits, DTYPE), mask=mask)
-
-
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
     """Indices past 2**32, edge values (max finite, beyond it, subnormal, -0), compiled."""
@@ -300,7 +256,7 @@ def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
     bits = torch.empty(idx.numel(), dtype=torch.int64, device=CUDA)
     out = torch.empty(idx.numel(), dtype=dtype, device=CUDA)
     tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-    _hash_and_round_kernel[(1,)](
+    hash_and_round_kernel[(1,)](
         idx.to(CUDA), value.to(CUDA), bits, out, 2024, idx.numel(), DTYPE=tl_dtype
     )
     expected_bits = reference.counter_hash(2024, idx)

@@ -2,21 +2,15 @@
 
 import pytest
 import torch
-import triton
 import triton.language as tl
+from kernel_checks import bits_of, hash_and_round_kernel
 
 import xgblora_fast as xf
-from xgblora_fast.kernels.rng import counter_hash as counter_hash_kernel
-from xgblora_fast.kernels.rng import round_stochastic as round_stochastic_kernel
 from xgblora_fast.ops import reference
 
 BACKENDS = ["torch", "triton"]
 LOW = [torch.float16, torch.bfloat16]
 DTYPES = [torch.float32, *LOW]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def make(M, K, dtype, seed, update=1.0):
@@ -107,17 +101,6 @@ def test_stochastic_rounding_probability_matches_distance(dtype):
     assert (rounded > 1.0).float().mean().item() == pytest.approx(0.3, abs=0.005)
 
 
-@triton.jit
-def _hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE: tl.constexpr):
-    offs = tl.arange(0, 64)
-    mask = offs < n
-    idx = tl.load(idx_ptr + offs, mask=mask)
-    bits = counter_hash_kernel(seed, idx)
-    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
-    value = tl.load(value_ptr + offs, mask=mask)
-    tl.store(out_ptr + offs, round_stochastic_kernel(value, bits, DTYPE), mask=mask)
-
-
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
     """Indices past 2**32 (high word used), edge values: max finite, beyond it, subnormal, -0."""
@@ -131,7 +114,7 @@ def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
     bits = torch.empty(idx.numel(), dtype=torch.int64)
     out = torch.empty(idx.numel(), dtype=dtype)
     tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-    _hash_and_round_kernel[(1,)](idx, value, bits, out, 2024, idx.numel(), DTYPE=tl_dtype)
+    hash_and_round_kernel[(1,)](idx, value, bits, out, 2024, idx.numel(), DTYPE=tl_dtype)
     expected_bits = reference.counter_hash(2024, idx)
     assert torch.equal(bits, expected_bits)
     assert len(set(expected_bits.tolist())) == idx.numel()

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from kernel_checks import TOL, float64_reference, make_inputs, rel_err
 
 import xgblora_fast as xf
 from xgblora_fast.ops.rank1_linear import rank1_linear_fwd
 
-# Normwise relative tolerance by dtype: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -18,36 +17,6 @@ SHAPES = [
     ((3, 11), 45, 66),
     ((64,), 96, 80),
 ]
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, K, generator=g).to(dtype)
-    weight = (torch.randn(M, K, generator=g) / K**0.5).to(dtype)
-    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
-    a = torch.randn(K, generator=g).to(adapter_dtype)
-    b = torch.randn(M, generator=g).to(adapter_dtype)
-    dy = torch.randn(*lead, M, generator=g).to(dtype)
-    return x, weight, bias, a, b, dy
-
-
-def float64_reference(x, weight, bias, a, b, scale, dy):
-    """Outputs and gradients in float64 via autograd on the plain formula."""
-    leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
-    x64, a64, b64 = leaves
-    bias64 = bias.detach().double().requires_grad_() if bias is not None else None
-    y = x64 @ weight.double().t() + scale * (x64 @ a64)[..., None] * b64
-    if bias64 is not None:
-        y = y + bias64
-    y.backward(dy.double())
-    grads = {"x": x64.grad, "a": a64.grad, "b": b64.grad}
-    if bias64 is not None:
-        grads["bias"] = bias64.grad
-    return y.detach(), grads
 
 
 def run_op(x, weight, bias, a, b, scale, dy, backend):

@@ -1,0 +1,65 @@
+"""Shared by the CPU tests (tests/ops) and the GPU tests (tests/gpu): inputs, float64
+references, error measures, and a tiny kernel exposing the RNG and rounding helpers.
+
+Importable as ``kernel_checks`` because pytest puts ``tests/`` (home of conftest.py) on the path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from xgblora_fast.kernels.rng import counter_hash, round_stochastic
+
+# Normwise relative tolerance by dtype: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |got - ref| / max |ref|`` in float64 on the CPU."""
+    got64 = got.detach().cpu().double()
+    return ((got64 - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of an fp16/bf16/fp32 tensor, for bit-identity checks."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
+    """CPU tensors ``(x [*lead, K], weight [M, K], bias [M] | None, a [K], b [M], dy)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    weight = (torch.randn(M, K, generator=g) / K**0.5).to(dtype)
+    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
+    a = torch.randn(K, generator=g).to(adapter_dtype)
+    b = torch.randn(M, generator=g).to(adapter_dtype)
+    dy = torch.randn(*lead, M, generator=g).to(dtype)
+    return x, weight, bias, a, b, dy
+
+
+def float64_reference(x, weight, bias, a, b, scale, dy):
+    """Output and gradients of x, a, b (and bias) in float64 on the CPU, by autograd."""
+    x64, a64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, a, b))
+    bias64 = bias.detach().cpu().double().requires_grad_() if bias is not None else None
+    y = x64 @ weight.detach().cpu().double().t() + scale * (x64 @ a64)[..., None] * b64
+    if bias64 is not None:
+        y = y + bias64
+    y.backward(dy.detach().cpu().double())
+    grads = {"x": x64.grad, "a": a64.grad, "b": b64.grad}
+    if bias64 is not None:
+        grads["bias"] = bias64.grad
+    return y.detach(), grads
+
+
+@triton.jit
+def hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE: tl.constexpr):
+    """``counter_hash`` of up to 64 indices and ``round_stochastic`` of as many values."""
+    offs = tl.arange(0, 64)
+    mask = offs < n
+    idx = tl.load(idx_ptr + offs, mask=mask)
+    bits = counter_hash(seed, idx)
+    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
+    value = tl.load(value_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, round_stochastic(value, bits, DTYPE), mask=mask)
