@@ -116,6 +116,11 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
             "| variant | accuracy | cumulative trainable |",
             "|---|---|---|",
         ]
+        default = results["main"]["XGBLoRA (rank-1 boosting)"][0]  # the same seed, defaults
+        lines.append(
+            f"| default (kappa=10, L_s=0.35) | {default['after']['accuracy']:.4f} "
+            f"| {default['cumulative_trainable_params']:,} |"
+        )
         for name, r in results["ablations"].items():
             lines.append(
                 f"| {name} | {r['after']['accuracy']:.4f} | {r['cumulative_trainable_params']:,} |"
@@ -144,7 +149,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("same steps, same data order (mean ± sd over seeds)")
     if results["ablations"]:
         ax = axes[0][1]
-        abl = results["ablations"]
+        abl = {"default": results["main"]["XGBLoRA (rank-1 boosting)"][0]} | results["ablations"]
         ax.barh(range(len(abl)), [r["after"]["accuracy"] for r in abl.values()])
         ax.set_yticks(range(len(abl)), list(abl), fontsize=8)
         accs = [r["after"]["accuracy"] for r in abl.values()]
