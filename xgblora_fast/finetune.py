@@ -59,7 +59,7 @@ class FinetuneConfig:
     test_size: float = 0.2
     train_limit: int | None = None
     eval_limit: int | None = None
-    eval_every: int = 50
+    eval_every: int = 100
     dtype: str = "float32"
     seed: int = 0
     lora_rank: int = 8
