@@ -6,11 +6,24 @@ Importable as ``kernel_checks`` because pytest puts ``tests/`` (home of conftest
 
 from __future__ import annotations
 
+import pytest
 import torch
 import triton
 import triton.language as tl
 
 from xgblora_fast.kernels.rng import counter_hash, round_stochastic
+from xgblora_fast.ops.backend import triton_interpreting
+
+# The marks of every GPU test: CUDA needed, and compiled (not interpreted) kernels.
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        triton_interpreting(),
+        reason="Triton kernels run in the interpreter here (TRITON_INTERPRET=1): "
+        "run them compiled with bench/gpu_check.py",
+    ),
+]
 
 # Normwise relative tolerance by dtype: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -12,20 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kernel_checks import GPU_MARKS
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xgblora_fast as xf
-from xgblora_fast.ops.backend import triton_interpreting
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        triton_interpreting(),
-        reason="Triton kernels run in the interpreter here (TRITON_INTERPRET=1): "
-        "run them compiled with bench/gpu_check.py",
-    ),
-]
+pytestmark = GPU_MARKS
 
 D, HIDDEN, OUT = 72, 200, 36
 # Normwise relative tolerance, compiled vs eager: inductor fuses the norm and the activations

@@ -18,6 +18,7 @@ import pytest
 import torch
 import triton.language as tl
 from kernel_checks import (
+    GPU_MARKS,
     TOL,
     bits_of,
     float64_reference,
@@ -28,17 +29,8 @@ from kernel_checks import (
 
 import xgblora_fast as xf
 from xgblora_fast.ops import reference
-from xgblora_fast.ops.backend import triton_interpreting
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        triton_interpreting(),
-        reason="Triton kernels run in the interpreter here (TRITON_INTERPRET=1): "
-        "run them compiled with bench/gpu_check.py",
-    ),
-]
+pytestmark = GPU_MARKS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LOW = [torch.float16, torch.bfloat16]
