@@ -107,8 +107,14 @@ def rank1_linear_forward_reference(
     xa = x if x_adapter is None else x_adapter
     u = xa.float() @ a.float()
     if x.dtype == torch.float32:
-        y = torch.nn.functional.linear(x, weight, None if bias is None else bias.float())
-        return y.addr_(u, b.float(), alpha=scale), u
+        # The rank-1 term (+ bias) is written first and the GEMM accumulates onto it (BLAS
+        # beta=1): one pass over y, where linear-then-addr_ would make a bias copy and an extra
+        # read-modify-write pass.
+        if bias is None:
+            y = torch.outer(u, b.float() * scale)
+        else:
+            y = torch.addr(bias.float().expand(x.shape[0], -1), u, b.float(), alpha=scale)
+        return y.addmm_(x, weight.t()), u
     # Low precision: GEMM in x's dtype with fp32 accumulation, rank-1 term and bias in fp32.
     y = (x @ weight.t()).float().addr_(u, b.float(), alpha=scale)
     if bias is not None:
@@ -138,13 +144,14 @@ def rank1_linear_backward_reference(
     v = dy.float() @ b.float()
     dx = dx_adapter = da = db = dbias = None
     if need_dx:
-        dx = dy @ weight
         if x_adapter is not None:
+            dx = dy @ weight
             dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
-        elif dx.dtype == torch.float32:
-            dx.addr_(v, a.float(), alpha=scale)  # in place: no N x K temporary
+        elif dy.dtype == torch.float32:
+            # As in the forward: rank-1 term first, the GEMM accumulates onto it (one pass).
+            dx = torch.outer(v * scale, a.float()).addmm_(dy, weight)
         else:
-            dx = dx.float().addr_(v, a.float(), alpha=scale).to(x.dtype)
+            dx = (dy @ weight).float().addr_(v, a.float(), alpha=scale).to(x.dtype)
     if need_dab:
         xa = x if x_adapter is None else x_adapter
         da = (xa.float().t() @ v).mul_(scale)
