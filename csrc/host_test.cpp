@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -97,34 +98,48 @@ Tensor round_t(const Tensor& value, const std::optional<Tensor>& bits, const std
 
 // ---- kernel bodies ------------------------------------------------------------------------
 
-// In-place merge through merge_thread; returns whether the 16-byte path ran.
-bool merge_(Tensor weight, const Tensor& a, const Tensor& b, double scale, bool stochastic,
-            int64_t seed, int64_t nthreads, bool allow_vec) {
+// In-place merge through merge_thread, with launch_merge's choice of mode (fp32 weights never
+// round stochastically); compensation is the Kahan buffer. Returns whether the 16-byte path ran.
+bool merge_(Tensor weight, const Tensor& a, const Tensor& b, double scale,
+            const std::string& rounding, int64_t seed, const std::optional<Tensor>& compensation,
+            int64_t nthreads, bool allow_vec) {
   check_cpu(weight);
   TORCH_CHECK(weight.dim() == 2 && a.numel() == weight.size(1) && b.numel() == weight.size(0));
+  const bool kahan = rounding == "kahan";
+  TORCH_CHECK(kahan == compensation.has_value(), "host_test: compensation iff rounding=kahan");
+  TORCH_CHECK(kahan || rounding == "nearest" || rounding == "stochastic", "bad rounding");
   if (weight.numel() == 0) return false;
   const Tensor a32 = f32(a), b32 = f32(b);
   bool vectorized = false;
   dispatch(weight, [&](auto tag) {
     using T = decltype(tag);
+    T* c = kahan ? compensation->data_ptr<T>() : nullptr;
     const auto p = plan_merge(weight.data_ptr<T>(), weight.size(0), weight.size(1),
-                              weight.stride(0), weight.stride(1), a32.data_ptr<float>(),
+                              weight.stride(0), weight.stride(1), c,
+                              kahan ? compensation->stride(0) : 0,
+                              kahan ? compensation->stride(1) : 0, a32.data_ptr<float>(),
                               b32.data_ptr<float>(), static_cast<float>(scale),
                               static_cast<uint32_t>(seed));
-    constexpr bool kFp32 = std::is_same_v<T, float>;
     vectorized = allow_vec && merge_vectorizable(p);
-    for (int64_t tid = 0; tid < nthreads; ++tid) {
-      if (vectorized) {
-        if (stochastic && !kFp32) {
-          merge_thread<T, kVec16<T>, !kFp32>(p, tid, nthreads);
-        } else {
-          merge_thread<T, kVec16<T>, false>(p, tid, nthreads);
-        }
-      } else if (stochastic && !kFp32) {
-        merge_thread<T, 1, !kFp32>(p, tid, nthreads);
-      } else {
-        merge_thread<T, 1, false>(p, tid, nthreads);
+    auto run = [&](auto vec_tag, auto mode_tag) {
+      for (int64_t tid = 0; tid < nthreads; ++tid) {
+        merge_thread<T, decltype(vec_tag)::value, decltype(mode_tag)::value>(p, tid, nthreads);
       }
+    };
+    auto with_mode = [&](auto vec_tag) {
+      using M = MergeMode;
+      if (kahan) {
+        run(vec_tag, std::integral_constant<M, M::kKahan>{});
+      } else if (rounding == "stochastic" && !std::is_same_v<T, float>) {
+        run(vec_tag, std::integral_constant<M, M::kStochastic>{});
+      } else {
+        run(vec_tag, std::integral_constant<M, M::kNearest>{});
+      }
+    };
+    if (vectorized) {
+      with_mode(std::integral_constant<int, kVec16<T>>{});
+    } else {
+      with_mode(std::integral_constant<int, 1>{});
     }
   });
   return vectorized;
@@ -290,8 +305,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("round", &x::round_t, "fp32 -> dtype: stochastic with bits, else nearest-even",
         py::arg("value"), py::arg("bits"), py::arg("dtype"));
   m.def("merge_", &x::merge_, "in-place W += s b a^T through merge_thread; returns vectorized",
-        py::arg("weight"), py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("stochastic"),
-        py::arg("seed"), py::arg("nthreads") = 97, py::arg("allow_vec") = true);
+        py::arg("weight"), py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("rounding"),
+        py::arg("seed"), py::arg("compensation") = py::none(), py::arg("nthreads") = 97,
+        py::arg("allow_vec") = true);
   m.def("rank1_epilogue_", &x::rank1_epilogue_,
         "y (+)= s u b^T (+ bias) through epilogue_thread; returns vectorized", py::arg("y"),
         py::arg("u"), py::arg("b"), py::arg("bias"), py::arg("scale"), py::arg("accumulate"),

@@ -6,7 +6,8 @@
 //       -> (y, u)
 //   torch.ops.xgblora_fast.cuda_rank1_linear_bwd(dy, x, weight, a, b, u, scale, x_adapter,
 //       need_dx, need_dab, need_dbias) -> (dx, da, db, dbias, dx_adapter)   (None: not needed)
-//   torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, stochastic, seed) -> ()
+//   torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, rounding, seed, compensation) -> ()
+//       (rounding "nearest", "stochastic" or "kahan"; compensation: the Kahan buffer or None)
 // Their CUDA kernels are registered for the CUDA dispatch key; the CPU key gets a kernel that
 // raises a clear error (use backend="torch" for CPU tensors).
 //
@@ -206,10 +207,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rank1_linear_bwd_cuda(
   return {dx, da, db, dbias, dx_adapter};
 }
 
+// The launch_merge code of a rounding name (launchers.h).
+int merge_rounding(const char* op, c10::string_view rounding) {
+  if (rounding == "nearest") return 0;
+  if (rounding == "stochastic") return 1;
+  if (rounding == "kahan") return 2;
+  TORCH_CHECK(false, op, ": rounding must be \"nearest\", \"stochastic\" or \"kahan\", got \"",
+              std::string(rounding), "\"");
+}
+
 void rank1_merge_cuda_(Tensor weight, const Tensor& a, const Tensor& b, double scale,
-                       bool stochastic, int64_t seed) {
+                       c10::string_view rounding, int64_t seed, const OptTensor& compensation) {
   constexpr const char* op = "xgblora_fast::cuda_merge_";
-  check_cuda(op, {{"weight", &weight}, {"a", &a}, {"b", &b}});
+  const int mode = merge_rounding(op, rounding);
+  const bool kahan = rounding == "kahan";
+  const Tensor* comp = compensation.has_value() ? &*compensation : nullptr;
+  check_cuda(op, {{"weight", &weight}, {"a", &a}, {"b", &b}, {"compensation", comp}});
   check_matrix(op, "weight", weight);
   check_vector(op, "a", a, weight.size(1));
   check_vector(op, "b", b, weight.size(0));
@@ -217,13 +230,22 @@ void rank1_merge_cuda_(Tensor weight, const Tensor& a, const Tensor& b, double s
               seed);
   TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
               ": weight has overlapping memory (an expanded view); merge into a real tensor");
+  TORCH_CHECK(kahan == (comp != nullptr), op,
+              ": a compensation buffer is needed by, and only by, rounding=\"kahan\"");
+  if (comp != nullptr) {
+    TORCH_CHECK(comp->sizes() == weight.sizes() && comp->scalar_type() == weight.scalar_type(),
+                op, ": compensation must have weight's shape and dtype");
+    TORCH_CHECK(at::has_internal_overlap(*comp) != at::MemOverlap::Yes, op,
+                ": compensation has overlapping memory (an expanded view)");
+  }
   if (weight.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
   const Tensor a32 = f32(a), b32 = f32(b);
   launch_merge(kernel_dtype(op, "weight", weight), weight.data_ptr(), weight.size(0),
                weight.size(1), weight.stride(0), weight.stride(1), a32.data_ptr<float>(),
-               b32.data_ptr<float>(), static_cast<float>(scale), stochastic,
-               static_cast<uint32_t>(seed), stream_of());
+               b32.data_ptr<float>(), static_cast<float>(scale), mode,
+               static_cast<uint32_t>(seed), comp ? comp->data_ptr() : nullptr,
+               comp ? comp->stride(0) : 0, comp ? comp->stride(1) : 0, stream_of());
 }
 
 // ---- CPU: a clear error instead of "could not run ... with arguments from the CPU backend" --
@@ -245,7 +267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rank1_linear_bwd_cpu(
   cpu_error("xgblora_fast::cuda_rank1_linear_bwd");
 }
 
-void rank1_merge_cpu_(Tensor, const Tensor&, const Tensor&, double, bool, int64_t) {
+void rank1_merge_cpu_(Tensor, const Tensor&, const Tensor&, double, c10::string_view, int64_t,
+                      const OptTensor&) {
   cpu_error("xgblora_fast::cuda_merge_");
 }
 
@@ -261,8 +284,8 @@ TORCH_LIBRARY_FRAGMENT(xgblora_fast, m) {
       "float scale, Tensor? x_adapter, bool need_dx, bool need_dab, bool need_dbias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cuda_merge_(Tensor(a!) weight, Tensor a, Tensor b, float scale, bool stochastic, "
-      "int seed) -> ()");
+      "cuda_merge_(Tensor(a!) weight, Tensor a, Tensor b, float scale, str rounding, int seed, "
+      "Tensor(b!)? compensation) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(xgblora_fast, CUDA, m) {

@@ -10,7 +10,8 @@
 // Floating-point rules (see xgblora_fast/kernels/rng.py and ops/reference.py):
 //  * the merge computes v = w + (s * b_i) * a_j with the multiply and the add rounded
 //    separately: mul_rn/add_rn are __fmul_rn/__fadd_rn on the device (never contracted into an
-//    FMA) and plain operators on the host, which must be compiled with -ffp-contract=off;
+//    FMA) and plain operators on the host, which must be compiled with -ffp-contract=off; the
+//    Kahan merge's compensation arithmetic follows the same rule;
 //  * accumulations (row dots, column sums, the epilogue) use an explicit fmaf, which is
 //    correctly rounded on both sides;
 //  * no flush-to-zero: subnormals are kept (do not build with --use_fast_math).
@@ -216,15 +217,26 @@ XGB_HD T round_stochastic(float v, uint32_t bits) {
   return Rounding<T>::stochastic(v, bits);
 }
 
+// How a merge rounds (the values match the `rounding` of launch_merge).
+enum class MergeMode : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
+
 // One merged element: round(w + (s * b_i) * a_j), product and sum rounded separately; `bits`
-// (counter_hash of the element's logical index) is used by stochastic rounding only.
-template <typename T, bool STOCHASTIC>
-XGB_HD T merge_element(T w, float sb_i, float a_j, uint32_t bits) {
-  const float v = add_rn(static_cast<float>(w), mul_rn(sb_i, a_j));
-  if constexpr (STOCHASTIC) {
-    return round_stochastic<T>(v, bits);
+// (counter_hash of the element's logical index) is used by stochastic rounding only. kKahan
+// (twin of reference.kahan_step): y = (s * b_i) * a_j + c, w' = round(w + y) and the
+// compensation c becomes round(y - (w' - w)), what rounding dropped; other modes leave c alone.
+template <typename T, MergeMode MODE>
+XGB_HD T merge_element(T w, float sb_i, float a_j, uint32_t bits, T& c) {
+  const float w32 = static_cast<float>(w);
+  const float update = mul_rn(sb_i, a_j);
+  if constexpr (MODE == MergeMode::kKahan) {
+    const float y = add_rn(update, static_cast<float>(c));
+    const T out = round_nearest<T>(add_rn(w32, y));
+    c = round_nearest<T>(sub_rn(y, sub_rn(static_cast<float>(out), w32)));
+    return out;
+  } else if constexpr (MODE == MergeMode::kStochastic) {
+    return round_stochastic<T>(add_rn(w32, update), bits);
   } else {
-    return round_nearest<T>(v);
+    return round_nearest<T>(add_rn(w32, update));
   }
 }
 
@@ -310,41 +322,51 @@ XGB_HD float sum_in_order(const float* x, int64_t count, int64_t stride) {
 // How a merge walks W: `outer x inner` in storage order, inner fastest. trans = false: outer
 // runs over rows i and inner over columns j; trans = true (column-major W, e.g. a transposed
 // view): outer runs over columns j and inner over rows i. The counter index stays i * K + j.
+// The Kahan compensation C (W's shape, its own strides) is walked in W's order.
 template <typename T>
 struct MergeParams {
   T* w;
+  T* c;            // [M, K] compensation (kKahan), else nullptr
   const float* a;  // [K] fp32, contiguous
   const float* b;  // [M] fp32, contiguous
   float scale;
   uint32_t key;  // seed_key(seed)
-  int64_t outer, inner, stride_outer, stride_inner;
+  int64_t outer, inner, stride_outer, stride_inner, c_stride_outer, c_stride_inner;
   int64_t K;
   bool trans;
 };
 
 template <typename T>
 XGB_HD MergeParams<T> plan_merge(T* w, int64_t M, int64_t K, int64_t stride_m, int64_t stride_k,
-                                 const float* a, const float* b, float scale, uint32_t seed) {
+                                 T* c, int64_t c_stride_m, int64_t c_stride_k, const float* a,
+                                 const float* b, float scale, uint32_t seed) {
   const bool trans = stride_k != 1 && stride_m < stride_k && K > 1;
-  MergeParams<T> p{w, a, b, scale, seed_key(seed), 0, 0, 0, 0, K, trans};
+  MergeParams<T> p{w, c, a, b, scale, seed_key(seed), 0, 0, 0, 0, 0, 0, K, trans};
   p.outer = trans ? K : M;
   p.inner = trans ? M : K;
   p.stride_outer = trans ? stride_k : stride_m;
   p.stride_inner = trans ? stride_m : stride_k;
+  p.c_stride_outer = trans ? c_stride_k : c_stride_m;
+  p.c_stride_inner = trans ? c_stride_m : c_stride_k;
   return p;
 }
 
-// True when the 16-byte path applies: unit inner stride, whole packs per row, aligned rows.
+// True when the 16-byte path applies: unit inner stride, whole packs per row, aligned rows (of
+// C too when there is one).
 template <typename T>
 XGB_HD bool merge_vectorizable(const MergeParams<T>& p) {
   constexpr int V = kVec16<T>;
+  const bool c_ok = p.c == nullptr || (p.c_stride_inner == 1 && aligned16(p.c) &&
+                                       (p.outer == 1 || p.c_stride_outer % V == 0));
   return p.stride_inner == 1 && p.inner % V == 0 && (p.outer == 1 || p.stride_outer % V == 0) &&
-         aligned16(p.w) && aligned16(p.a) && aligned16(p.b);
+         aligned16(p.w) && aligned16(p.a) && aligned16(p.b) && c_ok;
 }
 
 // One thread of the grid-stride merge: packs f = tid, tid + nthreads, ... of outer x inner/VEC.
-template <typename T, int VEC, bool STOCHASTIC>
+template <typename T, int VEC, MergeMode MODE>
 XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads) {
+  constexpr bool STOCHASTIC = MODE == MergeMode::kStochastic;
+  constexpr bool KAHAN = MODE == MergeMode::kKahan;
   const int64_t vinner = p.inner / VEC;
   const int64_t total = p.outer * vinner;
   if (tid >= total) return;
@@ -354,6 +376,9 @@ XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads)
     const int64_t i0 = it.col * VEC;
     T* ptr = p.w + o * p.stride_outer + i0 * p.stride_inner;
     Pack<T, VEC> w = load_pack<T, VEC>(ptr);
+    T* cptr = KAHAN ? p.c + o * p.c_stride_outer + i0 * p.c_stride_inner : nullptr;
+    Pack<T, VEC> c{};
+    if constexpr (KAHAN) c = load_pack<T, VEC>(cptr);
     uint32_t bits[VEC] = {};
     if (!p.trans) {  // row i = o, columns j = i0 .. i0 + VEC - 1: consecutive indices
       const float sb = mul_rn(p.scale, p.b[o]);
@@ -362,7 +387,7 @@ XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads)
       if constexpr (STOCHASTIC) counter_hash_run<VEC>(p.key, o * p.K + i0, bits);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        w.v[v] = merge_element<T, STOCHASTIC>(w.v[v], sb, a[v], bits[v]);
+        w.v[v] = merge_element<T, MODE>(w.v[v], sb, a[v], bits[v], c.v[v]);
       }
     } else {  // column j = o, rows i = i0 .. i0 + VEC - 1: indices K apart
       const float aj = p.a[o];
@@ -371,10 +396,11 @@ XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         if constexpr (STOCHASTIC) bits[v] = counter_hash_keyed(p.key, (i0 + v) * p.K + o);
-        w.v[v] = merge_element<T, STOCHASTIC>(w.v[v], mul_rn(p.scale, b[v]), aj, bits[v]);
+        w.v[v] = merge_element<T, MODE>(w.v[v], mul_rn(p.scale, b[v]), aj, bits[v], c.v[v]);
       }
     }
     store_pack<T, VEC>(ptr, w);
+    if constexpr (KAHAN) store_pack<T, VEC>(cptr, c);
   }
 }
 

@@ -50,9 +50,9 @@ __device__ __forceinline__ int64_t grid_threads() {
 
 // ---- kernels ------------------------------------------------------------------------------
 
-template <typename T, int VEC, bool STOCHASTIC>
+template <typename T, int VEC, MergeMode MODE>
 __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams<T> p) {
-  merge_thread<T, VEC, STOCHASTIC>(p, global_thread(), grid_threads());
+  merge_thread<T, VEC, MODE>(p, global_thread(), grid_threads());
 }
 
 template <typename T, int VEC>
@@ -224,22 +224,27 @@ void launch_colsum_finalize(const float* part, int64_t splits, int64_t cols, flo
 }
 
 void launch_merge(Dtype dtype, void* w, int64_t M, int64_t K, int64_t stride_m, int64_t stride_k,
-                  const float* a, const float* b, float scale, bool stochastic, uint32_t seed,
-                  cudaStream_t stream) {
+                  const float* a, const float* b, float scale, int rounding, uint32_t seed,
+                  void* c, int64_t c_stride_m, int64_t c_stride_k, cudaStream_t stream) {
   if (M == 0 || K == 0) return;
+  const auto mode = static_cast<MergeMode>(rounding);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto p = plan_merge(static_cast<T*>(w), M, K, stride_m, stride_k, a, b, scale, seed);
+    T* comp = mode == MergeMode::kKahan ? static_cast<T*>(c) : nullptr;
+    const auto p = plan_merge(static_cast<T*>(w), M, K, stride_m, stride_k, comp, c_stride_m,
+                              c_stride_k, a, b, scale, seed);
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const auto blocks = grid_for(p.outer * (p.inner / V), kThreads);
-      if constexpr (std::is_same_v<T, float>) {
+      if (mode == MergeMode::kKahan) {
+        merge_kernel<T, V, MergeMode::kKahan><<<blocks, kThreads, 0, stream>>>(p);
+      } else if constexpr (std::is_same_v<T, float>) {
         // fp32 weights: the fp32 sum is the result, stochastic rounding does not apply.
-        merge_kernel<T, V, false><<<blocks, kThreads, 0, stream>>>(p);
-      } else if (stochastic) {
-        merge_kernel<T, V, true><<<blocks, kThreads, 0, stream>>>(p);
+        merge_kernel<T, V, MergeMode::kNearest><<<blocks, kThreads, 0, stream>>>(p);
+      } else if (mode == MergeMode::kStochastic) {
+        merge_kernel<T, V, MergeMode::kStochastic><<<blocks, kThreads, 0, stream>>>(p);
       } else {
-        merge_kernel<T, V, false><<<blocks, kThreads, 0, stream>>>(p);
+        merge_kernel<T, V, MergeMode::kNearest><<<blocks, kThreads, 0, stream>>>(p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

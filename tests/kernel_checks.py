@@ -40,6 +40,14 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def compensation_like(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """A Kahan buffer for ``weight`` as merges leave it: below ``eps |w| / 4`` (half an ulp)."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.rand(weight.shape, generator=g) * 2 - 1
+    eps = torch.finfo(weight.dtype).eps
+    return (weight.detach().cpu().float() * eps * 0.25 * spread).to(weight.dtype)
+
+
 def make_inputs(lead, K, M, dtype, with_bias, seed, adapter_dtype=torch.float32):
     """CPU tensors ``(x [*lead, K], weight [M, K], bias [M] | None, a [K], b [M], dy)``."""
     g = torch.Generator().manual_seed(seed)

@@ -12,13 +12,13 @@ from xgblora_fast.checkpoint import CheckpointError, resolve_checkpoint
 WIDTH = 12
 
 
-def build(dtype, seed=0, width=WIDTH):
+def build(dtype, seed=0, width=WIDTH, rounding="stochastic"):
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 2)
     ).to(dtype)
     cfg = xf.XGBLoRAConfig(
-        kappa=4, layers_per_round=2, dropout=0.1, rounding="stochastic", rewarm_steps=2, seed=7
+        kappa=4, layers_per_round=2, dropout=0.1, rounding=rounding, rewarm_steps=2, seed=7
     )
     booster = xf.Booster(model, cfg)
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=3e-2)
@@ -44,18 +44,24 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_resume_mid_round_ends_with_the_same_weights(tmp_path, dtype):
+def test_resume_mid_round_ends_with_the_same_weights(tmp_path, dtype, rounding):
+    """Kahan: the buffers of the merged layers are saved, and a fresh model (which allocates
+    them at its first Kahan merge) takes them from the checkpoint."""
     torch.manual_seed(123)
-    straight = build(dtype)
+    straight = build(dtype, rounding=rounding)
     run_steps(*straight, 18, dtype)
 
     torch.manual_seed(123)
-    first = build(dtype)
+    first = build(dtype, rounding=rounding)
     run_steps(*first, 10, dtype)  # 10 = 2 rounds of 4 + 2 steps into round 3
     xf.save_checkpoint(tmp_path, first[0], first[1], first[2], first[3], extra={"epoch": 0})
     torch.manual_seed(999)  # a different process would have another RNG state
-    resumed = build(dtype, seed=5)
+    resumed = build(dtype, seed=5, rounding=rounding)
+    buffers = [k for k in first[0].state_dict() if k.endswith("compensation")]
+    assert bool(buffers) == (rounding == "kahan")
+    assert not any(k.endswith("compensation") for k in resumed[0].state_dict())
     extra = xf.load_checkpoint(tmp_path, resumed[0], resumed[1], resumed[2], resumed[3])
     assert extra == {"epoch": 0}
     assert resumed[1].step_in_round == 2 and resumed[1].round == 2

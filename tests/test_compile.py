@@ -186,12 +186,14 @@ def test_opcheck_rank1_linear_ops(backend, dtype, with_dropout):
     torch.library.opcheck(rank1_linear_bwd, (*bwd_args, False, True, False, backend))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_merge_op(dtype):
+def test_opcheck_merge_op(dtype, rounding):
     g = torch.Generator().manual_seed(6)
     weight = torch.randn(9, 12, generator=g).to(dtype)
     a, b = torch.randn(12, generator=g), torch.randn(9, generator=g)
-    torch.library.opcheck(merge_op, (weight, a, b, 0.5, dtype != torch.float32, 3, "torch"))
+    compensation = torch.zeros_like(weight) if rounding == "kahan" else None
+    torch.library.opcheck(merge_op, (weight, a, b, 0.5, rounding, 3, "torch", compensation))
 
 
 def test_opcheck_backward_with_transposed_input():

@@ -26,6 +26,7 @@ OTHER_KERNELS = (
     "weighted_colsum_kernel",
     "rank1_merge_kernel[nearest]",
     "rank1_merge_kernel[stochastic]",
+    "rank1_merge_kernel[kahan]",
 )
 
 

@@ -443,3 +443,36 @@ def test_bf16_base_fp32_adapters(backend):
         layer.merge_()
         assert torch.count_nonzero(layer.lora_b) == 0
         assert_rel_close(layer(x), y_before, 2e-2, "bf16 forward after merge")
+
+
+def test_kahan_buffer_is_lazy_persistent_and_stays_out_of_plain_layers():
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    layer = xf.FastRank1Linear(K, M, dtype=dtype, backend="torch")
+    layer.merge_("nearest")
+    assert layer.compensation is None and "compensation" not in layer.state_dict()
+    with torch.no_grad():
+        layer.lora_b.normal_(std=1e-3)
+    layer.merge_("kahan")
+    buffer = layer.compensation
+    assert buffer.shape == layer.weight.shape and buffer.dtype == dtype
+    assert buffer.abs().max() > 0 and not buffer.requires_grad
+    assert "compensation" in layer.state_dict()
+    with torch.no_grad():
+        layer.lora_b.normal_(std=1e-3)
+    layer.merge_("kahan")
+    assert layer.compensation is buffer  # allocated once, updated in place
+
+    # The plain layer holds W + C rounded once (b = 0 after the merge) and no buffer.
+    linear = layer.to_linear()
+    assert set(linear.state_dict()) == {"weight", "bias"}
+    assert torch.equal(linear.weight, (layer.weight.float() + buffer.float()).to(dtype))
+    model = xf.eject(nn.Sequential(copy.deepcopy(layer)))
+    assert type(model[0]) is nn.Linear and set(model.state_dict()) == {"0.weight", "0.bias"}
+
+    # load_state_dict allocates the buffer, or drops it, to match the state loaded.
+    fresh = xf.FastRank1Linear(K, M, dtype=dtype, backend="torch")
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.compensation, buffer)
+    fresh.load_state_dict(xf.FastRank1Linear(K, M, dtype=dtype).state_dict())
+    assert fresh.compensation is None

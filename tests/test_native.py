@@ -30,6 +30,7 @@ import time
 
 import pytest
 import torch
+from kernel_checks import compensation_like
 
 import xgblora_fast as xf
 from xgblora_fast.ops import _native, reference
@@ -38,7 +39,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NATIVE_CACHE = REPO / ".cache" / "native"
 ARCHS = ("80", "90")
 KERNELS = {  # kernel -> instantiations per architecture
-    "merge_kernel": 10,  # {fp32: nearest; fp16, bf16: nearest, stochastic} x {16-byte, scalar}
+    # {fp32: nearest, kahan; fp16, bf16: nearest, stochastic, kahan} x {16-byte, scalar}
+    "merge_kernel": 16,
     "rank1_epilogue_kernel": 6,  # {fp32, fp16, bf16} x {16-byte, scalar}
     "rowdot_kernel": 6,
     "colsum_kernel": 12,  # x {with, without the plain column sum}
@@ -122,12 +124,12 @@ out["errors"] = {
     "cuda_rank1_linear_bwd": err(
         lambda: ops.cuda_rank1_linear_bwd(dy, x, w, a, b, u, 1.0, None, True, True, True)
     ),
-    "cuda_merge_": err(lambda: ops.cuda_merge_(w, a, b, 1.0, True, 7)),
+    "cuda_merge_": err(lambda: ops.cuda_merge_(w, a, b, 1.0, "stochastic", 7, None)),
     "_forward_cuda": err(lambda: lin._forward_cuda(x, w, None, a, b, 1.0, x)),
     "_backward_cuda": err(
         lambda: lin._backward_cuda(dy, x, w, a, b, u, 1.0, None, True, False, True)
     ),
-    "_merge_cuda": err(lambda: merge_mod._merge_cuda(w, a, b, 1.0, False, 0)),
+    "_merge_cuda": err(lambda: merge_mod._merge_cuda(w, a, b, 1.0, "nearest", 0, None)),
     "merge_backend_cuda": err(lambda: xf.merge_(w, a, b, 1.0, backend="cuda")),
     "linear_backend_cuda": err(lambda: xf.rank1_linear(x, w, None, a, b, 1.0, backend="cuda")),
     "second_copy": err(lambda: _native.load_built(sys.argv[1])),
@@ -209,6 +211,8 @@ def test_extension_builds_for_sm80_sm90_and_imports_without_a_gpu(cuda_import):
     assert tuple(cuda_import["OPS"]) == _native.OPS
     assert all(cuda_import["registered"].values()), cuda_import["registered"]
     assert "Tensor(a!) weight" in cuda_import["merge_schema"]
+    assert "str rounding" in cuda_import["merge_schema"]
+    assert "Tensor(b!)? compensation" in cuda_import["merge_schema"]
     # The Python custom ops of the same namespace live next to the C++ fragment.
     assert cuda_import["python_ops_intact"]
     assert cuda_import["native_module"], cuda_import["native_status"]
@@ -449,7 +453,7 @@ LAYOUTS = {
 
 @on_host
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
 @pytest.mark.parametrize(
     ("M", "K", "layout", "near"),
     [
@@ -465,16 +469,21 @@ LAYOUTS = {
 )
 def test_merge_is_bit_identical_to_reference_and_triton(host, dtype, rounding, M, K, layout, near):
     weight, a, b = _merge_case(M, K, dtype, seed=M * K, near=near)
-    stochastic = rounding == "stochastic"
+    kahan = rounding == "kahan"
+    comp = compensation_like(weight, seed=M + K) if kahan else None
     for seed in (0, 99, 2**31 - 1):
-        w_host = LAYOUTS[layout](weight)
-        w_ref = weight.clone()
-        w_triton = LAYOUTS[layout](weight)
-        vectorized = host.merge_(w_host, a, b, 0.75, stochastic, seed, nthreads=37)
-        reference.merge_reference_(w_ref, a, b, 0.75, stochastic, seed)
-        xf.merge_(w_triton, a, b, 0.75, rounding, seed=seed, backend="triton")
+        w_host, w_ref, w_triton = LAYOUTS[layout](weight), weight.clone(), LAYOUTS[layout](weight)
+        c_host, c_ref, c_triton = (
+            (LAYOUTS[layout](comp), comp.clone(), LAYOUTS[layout](comp)) if kahan else [None] * 3
+        )
+        vectorized = host.merge_(w_host, a, b, 0.75, rounding, seed, c_host, nthreads=37)
+        reference.merge_reference_(w_ref, a, b, 0.75, rounding, seed, c_ref)
+        xf.merge_(w_triton, a, b, 0.75, rounding, seed, "triton", compensation=c_triton)
         assert torch.equal(bits_of(w_host.contiguous()), bits_of(w_ref)), seed
         assert torch.equal(bits_of(w_host.contiguous()), bits_of(w_triton.contiguous())), seed
+        if kahan:
+            assert torch.equal(bits_of(c_host.contiguous()), bits_of(c_ref)), seed
+            assert torch.equal(bits_of(c_host.contiguous()), bits_of(c_triton.contiguous())), seed
         expect_vec = (
             layout != "offset"
             and (M if layout == "transposed" else K) % (16 // weight.element_size()) == 0
@@ -485,16 +494,34 @@ def test_merge_is_bit_identical_to_reference_and_triton(host, dtype, rounding, M
 
 
 @on_host
-def test_merge_vector_and_scalar_paths_agree_for_any_thread_count(host):
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_merge_vector_and_scalar_paths_agree_for_any_thread_count(host, rounding):
     weight, a, b = _merge_case(32, 64, torch.bfloat16, seed=5)
+    comp = compensation_like(weight, seed=6) if rounding == "kahan" else None
     results = []
     for nthreads, allow_vec in ((1, True), (7, True), (10_000, True), (3, False), (256, False)):
-        w = weight.clone()
-        assert host.merge_(w, a, b, 1.0, True, 11, nthreads=nthreads, allow_vec=allow_vec) is (
-            allow_vec
+        w, c = weight.clone(), comp.clone() if comp is not None else None
+        vectorized = host.merge_(
+            w, a, b, 1.0, rounding, 11, c, nthreads=nthreads, allow_vec=allow_vec
         )
-        results.append(bits_of(w))
+        assert vectorized is allow_vec
+        results.append(torch.cat([bits_of(w), bits_of(c)]) if c is not None else bits_of(w))
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kahan_merge_with_compensation_laid_out_unlike_weight_takes_the_scalar_path(host, dtype):
+    """C row-major under a column-major W (and the reverse): C's own strides, reference bits."""
+    weight, a, b = _merge_case(24, 40, dtype, seed=8)
+    comp = compensation_like(weight, seed=9)
+    for w_layout, c_layout in (("transposed", "contiguous"), ("contiguous", "transposed")):
+        w_host, c_host = LAYOUTS[w_layout](weight), LAYOUTS[c_layout](comp)
+        w_ref, c_ref = weight.clone(), comp.clone()
+        assert not host.merge_(w_host, a, b, 0.5, "kahan", 3, c_host, nthreads=29)
+        reference.merge_reference_(w_ref, a, b, 0.5, "kahan", 3, c_ref)
+        assert torch.equal(bits_of(w_host.contiguous()), bits_of(w_ref))
+        assert torch.equal(bits_of(c_host.contiguous()), bits_of(c_ref))
 
 
 @on_host

@@ -219,7 +219,10 @@ def _reduce_job(arch: int) -> KernelJob:
 
 
 def _merge_jobs(arch: int) -> list[KernelJob]:
-    """``rank1_merge_kernel`` on a row-major bf16 ``W``, rounding to nearest and stochastically."""
+    """``rank1_merge_kernel`` on a row-major bf16 ``W``: nearest, stochastic and Kahan rounding.
+
+    Without Kahan the launcher passes ``W`` again as the (unread) compensation buffer.
+    """
     block_sizes = {"BLOCK_M": merge.MERGE_BLOCK_M, "BLOCK_K": merge.MERGE_BLOCK_K}
     return [
         KernelJob(
@@ -229,6 +232,7 @@ def _merge_jobs(arch: int) -> list[KernelJob]:
             fn_path="xgblora_fast.kernels.merge:rank1_merge_kernel",
             types={
                 "w_ptr": "*bf16",
+                "c_ptr": "*bf16",
                 "a_ptr": "*fp32",
                 "b_ptr": "*fp32",
                 "scale": "fp32",
@@ -236,20 +240,25 @@ def _merge_jobs(arch: int) -> list[KernelJob]:
                 "M": "i32",
                 "K": "i32",
                 "stride_wm": "i32",
+                "stride_cm": "i32",
             },
             constexprs={
                 "stride_wk": 1,
+                "stride_ck": 1,
                 "STOCHASTIC": rounding == "stochastic",
+                "KAHAN": rounding == "kahan",
                 "W_DTYPE": tl.bfloat16,
                 **block_sizes,
             },
-            divisible=frozenset({"w_ptr", "a_ptr", "b_ptr", "M", "K", "stride_wm"}),
+            divisible=frozenset(
+                {"w_ptr", "c_ptr", "a_ptr", "b_ptr", "M", "K", "stride_wm", "stride_cm"}
+            ),
             block_sizes=block_sizes,
             # As the launcher: the multiply and the add must round separately.
             num_warps=merge.MERGE_NUM_WARPS,
             enable_fp_fusion=False,
         )
-        for rounding in ("nearest", "stochastic")
+        for rounding in ("nearest", "stochastic", "kahan")
     ]
 
 

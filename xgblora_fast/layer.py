@@ -27,6 +27,13 @@ class FastRank1Linear(nn.Module):
     their references). With ``active = False`` the layer runs the plain GEMM and its booster
     gets no gradient.
 
+    ``merge_(rounding="kahan")`` allocates, on first use, the buffer ``compensation`` (W's shape,
+    dtype and strides, zeros) that carries what each merge's rounding dropped into the next one.
+    It is a persistent buffer (checkpoints keep it; ``load_state_dict`` allocates or drops it to
+    match the state loaded) and is ``None`` until then; ``to_linear()`` folds it into the plain
+    layer's weight, which carries no buffer. Under DDP it is identical on every rank (merges are
+    deterministic): ``broadcast_buffers=False`` spares its copy at every forward.
+
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         alpha: the scale ``s``.
@@ -84,6 +91,8 @@ class FastRank1Linear(nn.Module):
         self.backend = check_backend(backend)
         self.init = init
         self.active = True
+        # W-sized: allocated by the first Kahan merge only (see merge_).
+        self.register_buffer("compensation", None)
         self.reset_()
 
     @classmethod
@@ -147,16 +156,30 @@ class FastRank1Linear(nn.Module):
         """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
 
         ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
+        ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
         """
         scale = step_size * self.alpha
-        merge_(self.weight, self.lora_a, self.lora_b, scale, rounding, seed, self.backend)
+        if rounding == "kahan" and self.compensation is None:
+            self.compensation = torch.zeros_like(self.weight)
+        compensation = self.compensation if rounding == "kahan" else None
+        merge_(
+            self.weight, self.lora_a, self.lora_b, scale, rounding, seed, self.backend, compensation
+        )
         self.reset_(generator)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """A copy of ``W + s b a^T`` in W's dtype (round-to-nearest); the layer is unchanged."""
+        """A copy of ``W + s b a^T (+ compensation)`` in W's dtype, rounded once to nearest.
+
+        The layer is unchanged; with a Kahan buffer the result holds what earlier merges'
+        rounding dropped too (a Kahan merge of copies).
+        """
         weight = self.weight.detach().clone()
-        merge_(weight, self.lora_a, self.lora_b, self.alpha, "nearest", None, self.backend)
+        compensation = None if self.compensation is None else self.compensation.clone()
+        rounding = "nearest" if compensation is None else "kahan"
+        merge_(
+            weight, self.lora_a, self.lora_b, self.alpha, rounding, None, self.backend, compensation
+        )
         return weight
 
     @torch.no_grad()
@@ -173,6 +196,16 @@ class FastRank1Linear(nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The Kahan buffer exists only after a first Kahan merge: allocate it (or drop it) so that
+        # the layer's state becomes the one loaded, and strict loading sees the keys it expects.
+        key = prefix + "compensation"
+        if key in state_dict and self.compensation is None:
+            self.compensation = torch.zeros_like(self.weight)
+        elif key not in state_dict and self.compensation is not None:
+            self.compensation = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -21,6 +21,7 @@ from kernel_checks import (
     GPU_MARKS,
     TOL,
     bits_of,
+    compensation_like,
     float64_reference,
     hash_and_round_kernel,
     make_inputs,
@@ -177,31 +178,36 @@ def test_empty_batch(gpu_backend):
 
 
 @pytest.mark.parametrize("layout", ["row-major", "transposed", "strided-adapters"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(70, 33), (257, 1031), (1024, 4096)], ids=str)
 def test_merge_bits_identical_to_the_cpu_reference(gpu_backend, shape, dtype, rounding, layout):
     """Same seed -> the GPU writes exactly the bits the CPU reference writes.
 
-    Also through a transposed view of W (``[K, M]`` storage) and with strided ``a``/``b``.
+    Also through a transposed view of W (``[K, M]`` storage, the Kahan buffer row-major: its own
+    strides) and with strided ``a``/``b``; Kahan: the buffer's bits too.
     """
     M, K = shape
     g = torch.Generator().manual_seed(M + K)
     weight = torch.randn(M, K, generator=g).to(dtype)
     a = torch.randn(K, generator=g) * 1e-2
     b = torch.randn(M, generator=g)
-    expected = weight.clone()
-    xf.merge_(expected, a, b, 0.9, rounding, seed=1234, backend="torch")
+    comp = compensation_like(weight, seed=M) if rounding == "kahan" else None
+    expected, expected_c = weight.clone(), comp.clone() if comp is not None else None
+    xf.merge_(expected, a, b, 0.9, rounding, 1234, "torch", compensation=expected_c)
     assert not torch.equal(expected, weight)
     w = weight.t().contiguous().to(CUDA).t() if layout == "transposed" else weight.to(CUDA)
+    c = comp.to(CUDA) if comp is not None else None
     a_gpu, b_gpu = a.to(CUDA), b.to(CUDA)
     if layout == "strided-adapters":
         a_gpu = torch.stack([a_gpu, -a_gpu], dim=1)[:, 0]
         b_gpu = torch.stack([b_gpu, -b_gpu], dim=1)[:, 0]
         assert a_gpu.stride() == (2,) and b_gpu.stride() == (2,)
-    out = xf.merge_(w, a_gpu, b_gpu, 0.9, rounding, seed=1234, backend=gpu_backend)
+    out = xf.merge_(w, a_gpu, b_gpu, 0.9, rounding, 1234, gpu_backend, compensation=c)
     assert out is w
     assert torch.equal(bits_of(w.cpu()), bits_of(expected))
+    if c is not None:
+        assert torch.equal(bits_of(c.cpu()), bits_of(expected_c))
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -218,16 +224,22 @@ def test_stochastic_merge_other_seed_other_bits(gpu_backend, dtype):
     assert not torch.equal(results[0], results[2])
 
 
-def test_merge_refusal_leaves_weight_untouched_and_near_overflow_merge_applies(gpu_backend):
+@pytest.mark.parametrize("rounding", ["nearest", "kahan"])
+def test_merge_refusal_leaves_weight_untouched_and_near_overflow_merge_applies(
+    gpu_backend, rounding
+):
     weight = torch.zeros(12, 20, dtype=torch.float16, device=CUDA)
     weight[0, 0] = 60000.0
     a, b = torch.full((20,), 100.0, device=CUDA), torch.full((12,), 100.0, device=CUDA)
+    comp = torch.full_like(weight, 1e-3) if rounding == "kahan" else None
     before = weight.clone()
-    with pytest.raises(ValueError, match="merge refused"):
-        xf.merge_(weight, a, b, 1.0, backend=gpu_backend)  # 60000 + 10000 overflows fp16
+    with pytest.raises(ValueError, match="merge refused"):  # 60000 + 10000 overflows fp16
+        xf.merge_(weight, a, b, 1.0, rounding, backend=gpu_backend, compensation=comp)
     assert torch.equal(bits_of(weight), bits_of(before))
+    if comp is not None:
+        assert torch.equal(comp, torch.full_like(weight, 1e-3))
     a[0] = 0.0  # the 10000 update now misses column 0, where the 60000 sits
-    xf.merge_(weight, a, b, 1.0, backend=gpu_backend)
+    xf.merge_(weight, a, b, 1.0, rounding, backend=gpu_backend, compensation=comp)
     assert weight[0, 0].item() == 60000.0 and weight[0, 1].item() == 10000.0
     assert torch.isfinite(weight.float()).all()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import triton.language as tl
-from kernel_checks import bits_of, hash_and_round_kernel
+from kernel_checks import bits_of, compensation_like, hash_and_round_kernel
 
 import xgblora_fast as xf
 from xgblora_fast.ops import reference
@@ -169,3 +169,116 @@ def test_near_overflow_merge_that_stays_finite_is_applied(backend):
     assert weight[0, 0].item() == 60000.0
     assert weight[0, 1].item() == 10000.0
     assert torch.isfinite(weight.float()).all()
+
+
+# ---- Kahan (compensated) merges ---------------------------------------------------------------
+
+
+def kahan_case(M, K, dtype, seed):
+    """``(weight, a, b, compensation)``: updates ~1e-2 of W, a buffer below half an ulp."""
+    weight, a, b = make(M, K, dtype, seed, update=1e-2)
+    return weight, a, b, compensation_like(weight, seed + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("M", "K"), [(37, 70), (1, 5), (19, 1)])
+def test_kahan_triton_and_torch_write_the_same_bits_in_weight_and_buffer(dtype, M, K):
+    """Three chained merges; W as a transposed view, C in its own (row-major) layout."""
+    weight, a, b, compensation = kahan_case(M, K, dtype, seed=M + K)
+    w_torch, c_torch = weight.clone(), compensation.clone()
+    w_triton, c_triton = weight.t().contiguous().t(), compensation.clone()
+    for step in range(3):
+        scale = 0.5 - step  # signs change: the buffer sees both directions
+        xf.merge_(w_torch, a, b, scale, "kahan", backend="torch", compensation=c_torch)
+        xf.merge_(w_triton, a, b, scale, "kahan", backend="triton", compensation=c_triton)
+        assert torch.equal(bits_of(w_torch), bits_of(w_triton)), step
+        assert torch.equal(bits_of(c_torch), bits_of(c_triton)), step
+    assert not torch.equal(c_torch, compensation)
+    # The seed plays no part in a Kahan merge.
+    w_seeded, c_seeded = weight.clone(), compensation.clone()
+    xf.merge_(w_seeded, a, b, 0.5, "kahan", seed=77, backend="torch", compensation=c_seeded)
+    w_other, c_other = weight.clone(), compensation.clone()
+    xf.merge_(w_other, a, b, 0.5, "kahan", seed=78, backend="torch", compensation=c_other)
+    assert torch.equal(bits_of(w_seeded), bits_of(w_other))
+    assert torch.equal(bits_of(c_seeded), bits_of(c_other))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kahan_keeps_updates_that_nearest_loses(dtype):
+    """200 merges of ~0.1 ulp: nearest keeps none, Kahan ends within an ulp of the truth.
+
+    W + C holds the sum closer still: C is what W could not take yet, and each merge rounds C
+    once, an error of at most ``eps |C| / 2 <= eps ulp / 4`` (C's own dtype is W's).
+    """
+    M, K, merges = 32, 64, 200
+    g = torch.Generator().manual_seed(4)
+    weight0 = (1.0 + torch.rand(M, K, generator=g)).to(dtype)  # in [1, 2): ulp is eps
+    ulp = torch.finfo(dtype).eps
+    a = torch.full((K,), 0.1 * ulp) * (1 + 0.1 * torch.rand(K, generator=g))
+    b = torch.ones(M)
+    w_near, w_kahan, comp = weight0.clone(), weight0.clone(), torch.zeros_like(weight0)
+    for _ in range(merges):
+        xf.merge_(w_near, a, b, 1.0, "nearest", backend="torch")
+        xf.merge_(w_kahan, a, b, 1.0, "kahan", backend="torch", compensation=comp)
+    truth = weight0.double() + merges * a.double()[None, :]
+    assert torch.equal(w_near, weight0)  # round-to-nearest lost every update
+    # W is W + C rounded to nearest, give or take C's own rounding errors: within an ulp,
+    # which is at most eps |truth| (some elements reach [2, 4)).
+    assert ((w_kahan.double() - truth).abs() <= ulp * truth.abs()).all()
+    err_sum = (w_kahan.double() + comp.double() - truth).abs().max().item()
+    assert err_sum <= merges * ulp * ulp / 4, err_sum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", ["nan_a", "overflow", "nan_in_compensation", "overflow_by_c"])
+def test_refused_kahan_merge_leaves_weight_and_buffer_untouched(backend, poison):
+    weight, a, b, compensation = kahan_case(12, 20, torch.float16, seed=6)
+    if poison == "nan_a":
+        a[3] = float("nan")
+    elif poison == "overflow":
+        weight[0, 0] = 60000.0
+        a.fill_(100.0)
+        b.fill_(100.0)
+    elif poison == "nan_in_compensation":
+        compensation[2, 2] = float("nan")
+    else:  # the largest finite weight plus a compensation that rounds it past the range
+        weight[1, 1] = torch.finfo(torch.float16).max
+        compensation[1, 1] = 20.0  # more than half its ulp (32): rounds up to inf
+        a.zero_()  # a zero update: the buffer is still added
+    before_w, before_c = weight.clone(), compensation.clone()
+    with pytest.raises(ValueError, match=r"merge refused.*weight and compensation unchanged"):
+        xf.merge_(weight, a, b, 1.0, "kahan", backend=backend, compensation=compensation)
+    assert torch.equal(bits_of(weight), bits_of(before_w))
+    assert torch.equal(bits_of(compensation), bits_of(before_c))
+
+
+@pytest.mark.parametrize(
+    ("rounding", "buffer", "error", "message"),
+    [
+        ("kahan", "none", ValueError, "needs a compensation buffer"),
+        ("nearest", "good", ValueError, "rounding='kahan' only"),
+        ("stochastic", "good", ValueError, "rounding='kahan' only"),
+        ("kahan", "shape", ValueError, r"compensation has shape \(6, 5\), weight \(5, 6\)"),
+        ("kahan", "dtype", TypeError, "compensation has dtype torch.float32 but weight"),
+        ("kahan", "device", ValueError, "all tensors must be on one device"),
+        ("kahan", "expanded", ValueError, "compensation has overlapping memory"),
+        ("kahan", "weight", ValueError, "must not share memory with weight"),
+        ("kahan", "tensor", TypeError, "compensation must be a torch.Tensor"),
+    ],
+)
+def test_bad_compensation_buffers_are_refused_before_any_write(rounding, buffer, error, message):
+    weight, a, b = make(5, 6, torch.bfloat16, seed=8)
+    compensation = {
+        "none": None,
+        "good": torch.zeros_like(weight),
+        "shape": torch.zeros(6, 5, dtype=weight.dtype),
+        "dtype": torch.zeros(5, 6),
+        "device": torch.zeros(5, 6, dtype=weight.dtype, device="meta"),
+        "expanded": torch.zeros(6, dtype=weight.dtype).expand(5, 6),
+        "weight": weight,
+        "tensor": [[0.0] * 6] * 5,
+    }[buffer]
+    before = weight.clone()
+    with pytest.raises(error, match=message):
+        xf.merge_(weight, a, b, 1.0, rounding, compensation=compensation)
+    assert torch.equal(bits_of(weight), bits_of(before))

@@ -3,7 +3,10 @@
 Bandwidth-bound: each program owns a ``BLOCK_M x BLOCK_K`` tile of ``W``, loads the matching
 slices of ``a`` and ``b``, computes ``w + (s * b_i) * a_j`` in fp32 and stores it rounded to
 ``W``'s dtype, either to nearest-even or stochastically with counter-based bits
-(``rng.counter_hash`` of the logical element index ``i * K + j``).
+(``rng.counter_hash`` of the logical element index ``i * K + j``), or compensated (Kahan): with
+a buffer ``C`` of W's shape and dtype, ``y = (s * b_i) * a_j + c``, ``w' = round(w + y)`` and
+``c' = round(y - (w' - w))``, the part of ``y`` that rounding dropped, kept for the next merge
+(one more read and write of ``C``; see ``reference.kahan_step`` for why it is exact).
 
 The launcher passes ``enable_fp_fusion=False`` so the multiply and the add round separately,
 exactly as in the PyTorch reference: with the same seed every backend writes the same bits.
@@ -32,6 +35,7 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit(do_not_specialize=["seed"])
 def rank1_merge_kernel(
     w_ptr,
+    c_ptr,
     a_ptr,
     b_ptr,
     scale,
@@ -40,7 +44,10 @@ def rank1_merge_kernel(
     K,
     stride_wm,
     stride_wk,
+    stride_cm,
+    stride_ck,
     STOCHASTIC: tl.constexpr,
+    KAHAN: tl.constexpr,
     W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -58,13 +65,20 @@ def rank1_merge_kernel(
     a = to_float32_exact(tl.load(a_ptr + rk, mask=mask_k, other=0.0))
     b = to_float32_exact(tl.load(b_ptr + rm, mask=mask_m, other=0.0))
     sb = scale * b
-    value = w + sb[:, None] * a[None, :]
+    update = sb[:, None] * a[None, :]
 
-    if STOCHASTIC:
+    if KAHAN:
+        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rk[None, :].to(tl.int64) * stride_ck
+        y = update + to_float32_exact(tl.load(c_ptrs, mask=mask, other=0.0))
+        out = round_nearest(w + y, W_DTYPE)
+        # The rounded weight widened back, minus the old one: exact, so y minus it is the
+        # part rounding dropped.
+        tl.store(c_ptrs, round_nearest(y - (to_float32_exact(out) - w), W_DTYPE), mask=mask)
+    elif STOCHASTIC:
         idx = rm[:, None].to(tl.int64) * K + rk[None, :]
-        out = round_stochastic(value, counter_hash(seed, idx), W_DTYPE)
+        out = round_stochastic(w + update, counter_hash(seed, idx), W_DTYPE)
     else:
-        out = round_nearest(value, W_DTYPE)
+        out = round_nearest(w + update, W_DTYPE)
     tl.store(ptrs, out, mask=mask)
 
 
@@ -73,18 +87,24 @@ def rank1_merge_triton_(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: float,
-    stochastic: bool,
+    rounding: str,
     seed: int,
+    compensation: torch.Tensor | None = None,
 ) -> None:
     """Launch ``rank1_merge_kernel`` on ``weight [M, K]`` (any strides), in place.
 
-    ``a [K]`` and ``b [M]`` are fp32 or ``weight``'s dtype; arguments are validated by the caller.
+    ``a [K]`` and ``b [M]`` are fp32 or ``weight``'s dtype; ``rounding`` is ``"nearest"``,
+    ``"stochastic"`` or ``"kahan"``, which also updates ``compensation [M, K]`` (W's dtype, any
+    strides) in place. Arguments are validated by the caller.
     """
     M, K = weight.shape
     a, b = a.contiguous(), b.contiguous()  # the kernel reads the vectors with unit stride
+    kahan = rounding == "kahan"
+    comp = compensation if kahan else weight  # never read without KAHAN: any valid pointer
     grid = (triton.cdiv(M, MERGE_BLOCK_M), triton.cdiv(K, MERGE_BLOCK_K))
     rank1_merge_kernel[grid](
         weight,
+        comp,
         a,
         b,
         float(scale),
@@ -93,7 +113,10 @@ def rank1_merge_triton_(
         K,
         weight.stride(0),
         weight.stride(1),
-        STOCHASTIC=stochastic and weight.dtype != torch.float32,
+        comp.stride(0),
+        comp.stride(1),
+        STOCHASTIC=rounding == "stochastic" and weight.dtype != torch.float32,
+        KAHAN=kahan,
         W_DTYPE=_TL_DTYPE[weight.dtype],
         BLOCK_M=MERGE_BLOCK_M,
         BLOCK_K=MERGE_BLOCK_K,

@@ -76,6 +76,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError("backend='triton' requested but Triton is not installed")
         if on_cuda and triton_interpreting():
             raise RuntimeError("backend='triton' on CUDA tensors but TRITON_INTERPRET=1 is set")
+        if not on_cuda and device.type != "cpu":
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors (or CPU tensors in the interpreter), "
+                f"got tensors on {device}"
+            )
         if not on_cuda and not triton_interpreting():
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "

@@ -13,7 +13,7 @@ import torch
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "cuda", "torch")
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "kahan")
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -93,6 +93,8 @@ def check_rank1_linear_args(
             f"x has {x.shape[-1]} features in its last dimension but weight expects "
             f"in_features={K} (weight shape {tuple(weight.shape)})"
         )
+    if K == 0:
+        raise ValueError(f"weight has in_features=0 (shape {tuple(weight.shape)}); need >= 1")
     _check_vector("a", a, K, "in_features")
     _check_vector("b", b, M, "out_features")
     if bias is not None:
@@ -110,14 +112,68 @@ def check_rank1_linear_args(
     return check_scale(scale)
 
 
+def check_compensation(
+    weight: torch.Tensor, compensation: torch.Tensor | None, rounding: str
+) -> None:
+    """``compensation`` is given exactly when ``rounding == "kahan"``, shaped and typed as W.
+
+    The buffer carries what rounding dropped from one merge into the next, element by element,
+    so it must match ``weight``'s shape, dtype and device (any strides), and must not overlap
+    ``weight`` or itself (both are written in place).
+    """
+    if rounding != "kahan":
+        if compensation is not None:
+            raise ValueError(f"compensation is used by rounding='kahan' only, got {rounding!r}")
+        return
+    if compensation is None:
+        raise ValueError(
+            "rounding='kahan' needs a compensation buffer kept between merges: "
+            "compensation=torch.zeros_like(weight)"
+        )
+    _check_tensor("compensation", compensation)
+    if compensation.shape != weight.shape:
+        raise ValueError(
+            f"compensation has shape {tuple(compensation.shape)}, weight "
+            f"{tuple(weight.shape)}; they must match"
+        )
+    if compensation.dtype != weight.dtype:
+        raise TypeError(
+            f"compensation has dtype {compensation.dtype} but weight has {weight.dtype}; "
+            "they must match"
+        )
+    _check_same_device({"weight": weight, "compensation": compensation})
+    if compensation.numel() == 0 or compensation.device.type == "meta":
+        return
+    if torch._debug_has_internal_overlap(compensation) == 1:
+        raise ValueError("compensation has overlapping memory (e.g. an expand()ed view)")
+    if compensation.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        raise ValueError("compensation must not share memory with weight")
+
+
+def abs_max(t: torch.Tensor) -> float:
+    """``max |t|`` as a float (NaN if ``t`` holds a NaN, inf if an inf), one reduction pass.
+
+    ``aminmax`` rather than an inf-norm: on CPU it is vectorised (0.04 ms for a 768 x 768 fp32
+    W, where ``linalg.vector_norm(ord=inf)`` and ``isfinite().all()`` take 0.8 ms).
+    """
+    lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+
 def check_merge_args(
-    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: object, rounding: object
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: object,
+    rounding: object,
+    compensation: torch.Tensor | None = None,
 ) -> float:
     """Validate ``merge_`` inputs, values included; return the scale as a float.
 
-    Raises before anything is written when the update ``s * b a^T`` would be NaN/Inf, or would
-    push ``weight`` past its dtype's largest finite value. Costs one reduction pass over ``W``
-    (``max |W|``); the exact element-wise check runs only when that bound is not enough.
+    Raises before anything is written when the update ``s * b a^T`` (plus the compensation
+    for ``rounding="kahan"``) would be NaN/Inf, or would push ``weight`` past its dtype's largest
+    finite value. Costs one reduction pass over ``W`` (``max |W|``), and one over the
+    compensation buffer; the exact element-wise check runs only when that bound is not enough.
     """
     for name, t in (("weight", weight), ("a", a), ("b", b)):
         _check_tensor(name, t)
@@ -133,39 +189,61 @@ def check_merge_args(
     _check_same_device({"weight": weight, "a": a, "b": b})
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_compensation(weight, compensation, rounding)
     s = check_scale(scale)
     if weight.numel() == 0:
         return s
-    a_max = float(torch.linalg.vector_norm(a.detach().float(), float("inf")))
-    b_max = float(torch.linalg.vector_norm(b.detach().float(), float("inf")))
+    if weight.device.type == "meta":
+        raise ValueError("merge_ needs real tensors, got meta tensors (it reads a, b and W)")
+    if torch._debug_has_internal_overlap(weight) == 1:
+        raise ValueError(
+            "weight has overlapping memory (e.g. an expand()ed view): an in-place merge would "
+            "write one element through several indices; clone() it first"
+        )
+    kept = "weight left unchanged" if compensation is None else "weight and compensation unchanged"
+    a_max = abs_max(a)
+    b_max = abs_max(b)
     for name, value in (("a", a_max), ("b", b_max)):
         if not math.isfinite(value):
-            raise ValueError(f"merge refused: {name} contains NaN/Inf; weight left unchanged")
+            raise ValueError(f"merge refused: {name} contains NaN/Inf; {kept}")
     bound = abs(s) * a_max * b_max
     if not math.isfinite(bound):
-        raise ValueError("merge refused: s * b a^T overflows; weight left unchanged")
+        raise ValueError(f"merge refused: s * b a^T overflows; {kept}")
+    if compensation is not None:  # a Kahan merge adds the buffer too, even with a zero update
+        c_max = abs_max(compensation)
+        if not math.isfinite(c_max):
+            raise ValueError(f"merge refused: compensation contains NaN/Inf; {kept}")
+        bound += c_max
     if bound == 0.0:
         return s
-    # One reduction pass over W (no temporary): |W + s b a^T| <= |W|max + bound.
-    w_max = float(torch.linalg.vector_norm(weight.detach(), float("inf")))
+    # One reduction pass over W (no temporary): |W + s b a^T + C| <= |W|max + bound.
+    w_max = abs_max(weight)
     if not math.isfinite(w_max):
-        raise ValueError("merge refused: weight already contains NaN/Inf; weight left unchanged")
+        raise ValueError(f"merge refused: weight already contains NaN/Inf; {kept}")
     limit = torch.finfo(weight.dtype).max
-    if w_max + bound > limit and _merged_abs_max(weight, a, b, s) > limit:
+    if w_max + bound > limit and _merged_abs_max(weight, a, b, s, compensation) > limit:
         raise ValueError(
             f"merge refused: W + s b a^T would overflow {weight.dtype} (largest finite "
-            f"{limit:.4g}); weight left unchanged"
+            f"{limit:.4g}); {kept}"
         )
     return s
 
 
-def _merged_abs_max(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> float:
-    """Exact ``max |W + s b a^T|`` in float64, in row chunks (only for near-overflow merges)."""
+def _merged_abs_max(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: float,
+    compensation: torch.Tensor | None,
+) -> float:
+    """Exact ``max |W + s b a^T (+ C)|`` in float64, in row chunks (near-overflow merges only)."""
     rows = max(1, (1 << 20) // max(weight.shape[1], 1))
     a64 = a.detach().double()
     sb = s * b.detach().double()
     worst = 0.0
     for r0 in range(0, weight.shape[0], rows):
         chunk = weight[r0 : r0 + rows].double() + sb[r0 : r0 + rows, None] * a64[None, :]
+        if compensation is not None:
+            chunk += compensation[r0 : r0 + rows].double()
         worst = max(worst, float(chunk.abs().max()))
     return worst

@@ -1,11 +1,13 @@
 """The in-place rank-1 merge ``W += s * b a^T`` as a mutating custom op.
 
-Rounding: ``"nearest"`` (round-to-nearest-even into W's dtype) or ``"stochastic"`` (unbiased,
-counter-based bits from ``seed``: the same seed gives the same bits on every rank and backend).
-fp32 weights are always rounded to nearest: an fp32 result needs no stochastic rounding.
+Rounding: ``"nearest"`` (round-to-nearest-even into W's dtype), ``"stochastic"`` (unbiased,
+counter-based bits from ``seed``: the same seed gives the same bits on every rank and backend) or
+``"kahan"`` (compensated: a buffer ``C`` of W's shape and dtype keeps what rounding dropped and
+adds it back at the next merge). fp32 weights are rounded to nearest under ``"stochastic"``: an
+fp32 result needs no stochastic rounding; ``"kahan"`` on fp32 is classic Kahan summation.
 
 Validation (``checks.check_merge_args``) runs first: a merge that would write NaN/Inf raises and
-leaves ``W`` untouched.
+leaves ``W`` (and ``C``) untouched.
 """
 
 from __future__ import annotations
@@ -20,38 +22,41 @@ from xgblora_fast.ops.checks import check_backend, check_merge_args
 SEED_BITS = 31
 
 
-def _merge_triton(weight, a, b, scale, stochastic, seed):
+def _merge_triton(weight, a, b, scale, rounding, seed, compensation):
     from xgblora_fast.kernels.merge import rank1_merge_triton_
 
-    rank1_merge_triton_(weight, a, b, scale, stochastic, seed)
+    rank1_merge_triton_(weight, a, b, scale, rounding, seed, compensation)
 
 
-def _merge_cuda(weight, a, b, scale, stochastic, seed):
+def _merge_cuda(weight, a, b, scale, rounding, seed, compensation):
     native_module()  # loads the extension (registering its ops) on first use
-    torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, stochastic, seed)
+    torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, rounding, seed, compensation)
 
 
 _MERGE = {"torch": reference.merge_reference_, "triton": _merge_triton, "cuda": _merge_cuda}
 
 
-@torch.library.custom_op("xgblora_fast::merge_", mutates_args=("weight",))
+@torch.library.custom_op("xgblora_fast::merge_", mutates_args=("weight", "compensation"))
 def merge_op(
     weight: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     scale: float,
-    stochastic: bool,
+    rounding: str,
     seed: int,
     backend: str,
+    compensation: torch.Tensor | None,
 ) -> None:
-    """In-place ``weight [M, K] += scale * b [M] a [K]^T`` (arguments already validated)."""
+    """In-place ``weight [M, K] += scale * b [M] a [K]^T`` (arguments already validated);
+    ``compensation [M, K]`` (W's dtype) is read and written for ``rounding="kahan"`` only."""
     if weight.numel() == 0:
         return
-    _MERGE[resolve_backend(backend, weight.device)](weight, a, b, scale, stochastic, seed)
+    merge = _MERGE[resolve_backend(backend, weight.device)]
+    merge(weight, a, b, scale, rounding, seed, compensation)
 
 
 @merge_op.register_fake
-def _(weight, a, b, scale, stochastic, seed, backend):
+def _(weight, a, b, scale, rounding, seed, backend, compensation):
     return None
 
 
@@ -63,6 +68,7 @@ def merge_(
     rounding: str = "nearest",
     seed: int | None = None,
     backend: str = "auto",
+    compensation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge a rank-1 update into ``weight`` in place: ``weight += scale * outer(b, a)``.
 
@@ -70,17 +76,21 @@ def merge_(
         weight: ``[M, K]`` fp32/fp16/bf16, any strides (a transposed view is fine).
         a: ``[K]``; b: ``[M]``; fp32 or weight's dtype.
         scale: the float ``s``.
-        rounding: ``"nearest"`` or ``"stochastic"``.
+        rounding: ``"nearest"``, ``"stochastic"`` or ``"kahan"``.
         seed: for stochastic rounding; None draws one from torch's default generator (so
             ``torch.manual_seed`` makes it reproducible). Only the low 31 bits are used.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``.
+        compensation: for ``rounding="kahan"`` only (and then required): ``[M, K]`` in
+            ``weight``'s dtype and device, any strides, zeros before the first merge and kept
+            between merges (``torch.zeros_like(weight)``). Per element, in fp32:
+            ``y = s b_i a_j + c``, ``w' = round(w + y)``, ``c' = round(y - (w' - w))``.
     Returns:
         ``weight`` (same object).
     Raises:
         ValueError/TypeError before anything is written, for bad shapes, dtypes or devices, or
         an update that contains NaN/Inf or would overflow ``weight``'s dtype.
     """
-    scale = check_merge_args(weight, a, b, scale, rounding)
+    scale = check_merge_args(weight, a, b, scale, rounding, compensation)
     check_backend(backend)
     resolve_backend(backend, weight.device)
     stochastic = rounding == "stochastic"
@@ -88,5 +98,5 @@ def merge_(
         seed = int(torch.randint(0, 2**SEED_BITS, ())) if stochastic else 0
     seed = int(seed) & (2**SEED_BITS - 1)
     with torch.no_grad():
-        merge_op(weight, a.detach(), b.detach(), scale, stochastic, seed, backend)
+        merge_op(weight, a.detach(), b.detach(), scale, rounding, seed, backend, compensation)
     return weight

@@ -62,10 +62,15 @@ def merge_reference_(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: float,
-    stochastic: bool,
+    rounding: str,
     seed: int,
+    compensation: torch.Tensor | None = None,
 ) -> None:
-    """``weight += s * b a^T`` in place, in row chunks; same bits as ``rank1_merge_kernel``."""
+    """``weight += s * b a^T`` in place, in row chunks; same bits as ``rank1_merge_kernel``.
+
+    ``rounding``: ``"nearest"``, ``"stochastic"`` (bits from ``seed``) or ``"kahan"``, which
+    reads and writes ``compensation`` (W's shape and dtype; see ``kahan_step``).
+    """
     M, K = weight.shape
     a32 = a.detach().float()
     sb = torch.tensor(scale, dtype=torch.float32, device=b.device) * b.detach().float()
@@ -77,9 +82,13 @@ def merge_reference_(
         # One fp32 chunk: the product rounded, then the sum rounded (no fused multiply-add,
         # exactly as the kernels do); w + value == value + w bit for bit.
         value = torch.outer(sb[r0:r1], a32)
-        if weight.dtype == torch.float32:
+        if rounding == "kahan":
+            w_new, c_new = kahan_step(w.float(), value, compensation[r0:r1].float(), w.dtype)
+            w.copy_(w_new)
+            compensation[r0:r1].copy_(c_new)
+        elif weight.dtype == torch.float32:
             w.add_(value)
-        elif stochastic:
+        elif rounding == "stochastic":
             value.add_(w)
             row_idx = torch.arange(r0, r1, device=weight.device, dtype=torch.int64)
             bits = counter_hash(seed, row_idx[:, None] * K + cols[None, :])
@@ -88,6 +97,24 @@ def merge_reference_(
         else:
             w.copy_(value.add_(w))
         del value  # free this chunk's buffer before the next one is allocated
+
+
+def kahan_step(
+    w: torch.Tensor, update: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One compensated merge of fp32 ``w``, ``update`` and ``c``: ``(w', c')`` in ``dtype``.
+
+    ``y = update + c``, ``w' = round(w + y)``, ``c' = round(y - (w' - w))``, each operation
+    rounded to fp32 on its own (twin of the Kahan branch of ``rank1_merge_kernel``). For
+    ``|y| <= |w|`` (every merge of a small update) ``w' - w`` is exact in fp32 (Sterbenz), and so
+    is ``y - (w' - w)`` up to a tie case, so ``c'`` is what rounding ``w + y`` dropped, rounded once
+    to ``dtype``. ``w'`` must be the rounded value widened back, not the fp32 sum ``w + y``:
+    ``(w + y) - w`` would hand back ``y`` and the dropped part would be lost.
+    """
+    y = update + c
+    w_new = (w + y).to(dtype)
+    c_new = (y - (w_new.float() - w)).to(dtype)
+    return w_new, c_new
 
 
 def rank1_linear_forward_reference(
