@@ -9,7 +9,7 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 # Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.
 export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
-.PHONY: install test demo accuracy bench bench-quick gpu-check lint inspect build-cuda clean
+.PHONY: install test demo accuracy precision bench bench-quick gpu-check lint inspect build-cuda clean
 
 install: $(STAMP)
 
@@ -29,13 +29,21 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 tests
 
-# The embedded default: the MiniLM encoder (installed with the package) on movie reviews.
+# The embedded default: the MiniLM encoder (installed with the package) on movie reviews; writes
+# the merged model (runs/demo/model) and the same fine-tune as a peft LoRA adapter (runs/demo/adapter).
 demo: $(STAMP)
-	$(PY) -m xgblora_fast.cli finetune --output runs/demo
+	$(PY) -m xgblora_fast.cli finetune --output runs/demo --export-lora runs/demo/adapter
 
-# The accuracy study (XGBLoRA vs LoRA r=1/r=8 vs full fine-tuning, 3 seeds, ablations; ~1 h).
+# The accuracy study (XGBLoRA vs a COLA-style chain vs LoRA r=1/r=8 vs full fine-tuning, 3 seeds,
+# cached per run) and the XGBLoRA schedule search (one factor at a time, seed 0); ~1.5 h each.
 accuracy: $(STAMP)
 	$(PY) bench/accuracy.py
+	$(PY) bench/schedule.py
+
+# Precision of repeated merges (nearest / stochastic / Kahan / fp32 master vs float64; ~30 s on
+# 2 CPU cores): bench/results/precision.{json,md,png}.
+precision: $(STAMP)
+	$(PY) bench/precision.py
 
 # Microbenchmarks + memory benchmark (CPU ~10 min; on a CUDA machine the GPU suite); results,
 # summaries and plots in bench/results/. bench-quick: small shapes and a tiny model (~1.5 min).

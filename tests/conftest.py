@@ -57,3 +57,19 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("max relative error vs float64 reference")
     for (op, backend, dtype), err in sorted(merged.items()):
         terminalreporter.write_line(f"{op:<14} {backend:<7} {dtype:<9} {err:.3e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """Tiny BERT body and GPT-2 folders with a tokenizer (``offline_models.build_tiny_models``)."""
+    from offline_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    """A toy sentiment CSV (``offline_models.write_sentiment_csv``)."""
+    from offline_models import write_sentiment_csv
+
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "train.csv")

@@ -190,3 +190,19 @@ def test_finish_merges_an_unfinished_round():
     with torch.no_grad():
         torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_refused_merge_leaves_weights_and_records_as_they_were():
+    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=4, rounding="nearest")
+    model, booster, optimizer = make_run(cfg, dtype=torch.float16)
+    train(model, booster, optimizer, 3)  # round 0 merged and recorded, round 1 under way
+    name, layer = next(iter(booster.layers.items()))
+    with torch.no_grad():
+        layer.weight[0, 0] = 6e4  # near fp16's largest finite (65504)
+        layer.lora_a.fill_(1.0)
+        layer.lora_b.fill_(1e4)  # s b a^T pushes row 0 past it
+    before = {n: m.weight.clone() for n, m in booster.layers.items()}
+    with pytest.raises(ValueError, match="overflow"):
+        booster.finish()
+    assert booster.records[name].rounds == [0]
+    assert torch.equal(layer.weight, before[name])

@@ -7,62 +7,17 @@ import tarfile
 
 import pytest
 import torch
+from offline_models import WORDS
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
-    GPT2Config,
     GPT2LMHeadModel,
 )
 
 from xgblora_fast import cli, data, finetune
 from xgblora_fast.boosting import XGBLoRAConfig
-
-WORDS = [f"w{i}" for i in range(20)]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tokenizer plus a tiny BERT classifier body and a tiny GPT-2, saved like hub models."""
-    root = tmp_path_factory.mktemp("models")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", *WORDS]
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    assert tokenizer("w3 good")["input_ids"] == [2, words.index("w3"), 5, 3]
-    torch.manual_seed(0)
-    bert = root / "bert"
-    cfg = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    # Save only the body, so the classification head is fresh when loaded (as from the hub).
-    BertForSequenceClassification(cfg).bert.save_pretrained(bert)
-    tokenizer.save_pretrained(bert)
-    gpt = root / "gpt2"
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=32)
-    ).save_pretrained(gpt)
-    tokenizer.save_pretrained(gpt)
-    return root
-
-
-@pytest.fixture(scope="module")
-def sentiment_csv(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    lines = ["text,label"]
-    for i in range(240):
-        label = i % 2
-        noise = " ".join(WORDS[int(j)] for j in torch.randint(0, 20, (4,), generator=g))
-        word = "good" if label else "bad"
-        lines.append(f"{noise} {word} {noise},{'pos' if label else 'neg'}")
-    path = tmp_path_factory.mktemp("data") / "train.csv"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def config(tiny_folder, sentiment_csv, tmp_path, **kw):

@@ -5,11 +5,13 @@ y = xf.rank1_linear(x, weight, bias, a, b, scale)        # fused, autograd-aware
 layer = xf.FastRank1Linear.from_linear(linear, alpha=1.0)
 xf.inject(model, target_modules=["q_proj", "v_proj"])    # swap in FastRank1Linear
 layer.merge_()                                           # W += s b a^T, then re-init
+xf.export_lora(booster, "adapter")                       # the fine-tune as a peft LoRA
 xf.eject(model)                                          # plain nn.Linear again
 """
 
 from xgblora_fast.boosting import Booster, XGBLoRAConfig
 from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
+from xgblora_fast.export import export_lora, unmerge_
 from xgblora_fast.layer import FastRank1Linear
 from xgblora_fast.ops.merge import merge_
 from xgblora_fast.ops.rank1_linear import rank1_linear
@@ -23,9 +25,11 @@ __all__ = [
     "XGBLoRAConfig",
     "__version__",
     "eject",
+    "export_lora",
     "inject",
     "load_checkpoint",
     "merge_",
     "rank1_linear",
     "save_checkpoint",
+    "unmerge_",
 ]

@@ -37,11 +37,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from xgblora_fast.distributed import verify_replicas
+from xgblora_fast.gradient_probe import GradientProbe, top_singular_pair
 from xgblora_fast.layer import INITS, FastRank1Linear
 from xgblora_fast.ops.checks import ROUNDINGS
 from xgblora_fast.patching import inject
+from xgblora_fast.records import MergeRecord
 
 SAMPLE_BY = ("block", "module")
+BOOSTER_INITS = ("random", "gradient")
+SELECTIONS = ("uniform", "gradient")
 _BLOCK_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
@@ -63,11 +68,27 @@ class XGBLoRAConfig:
         merge_step: the boosting step ``alpha_t``: ``W += merge_step * s b a^T``.
         rounding: merge rounding, ``"nearest"`` or ``"stochastic"`` (fp32 weights: always exact
             nearest).
-        init: booster init, ``"kaiming"`` (uniform) or ``"gaussian"``.
+        init: distribution of the random ``a``, ``"kaiming"`` (uniform) or ``"gaussian"``.
+        booster_init: ``"random"`` (``a`` as drawn, ``b = 0``) or ``"gradient"``: in each
+            round's first step, ``a`` becomes the top right singular vector of the layer's
+            weight gradient ``G = dy^T x`` (same norm as the random draw; ``power_iters`` power
+            iterations over the step's activations), so the booster starts along the best
+            rank-1 descent direction. Needs ``attach(optimizer)`` (it acts just before
+            ``optimizer.step()``).
+        select: ``"uniform"`` (each round samples its units uniformly) or ``"gradient"``
+            (probability proportional to the unit's weight-gradient norm, estimated in the
+            previous round's last step from a 4-direction sketch; round 0 is uniform).
+        power_iters: power iterations of ``booster_init="gradient"``.
         weight_decay: on the boosters (the practical form of the paper's norm penalty).
         rewarm_steps: after each merge, ramp the boosters' learning rate linearly over this many
             steps (0: off), under whatever schedule the optimizer follows.
+        verify_replicas: under ``torch.distributed`` with more than one rank, check at each
+            round end that every rank holds bit-identical weights and boosters
+            (``xf.distributed.verify_replicas``: one read of the boosted weights, one small
+            all-gather); a diverged rank raises RuntimeError naming it.
         seed: seeds layer sampling, booster init and stochastic-rounding bits.
+        record: keep every merged booster (``Booster.records``, in checkpoints too) for
+            ``xf.export_lora`` and ``xf.unmerge_``; costs ``4 (in + out)`` bytes per merge.
     """
 
     target_modules: list[str] | str = "all-linear"
@@ -81,9 +102,14 @@ class XGBLoRAConfig:
     merge_step: float = 1.0
     rounding: str = "stochastic"
     init: str = "kaiming"
+    booster_init: str = "random"
+    select: str = "uniform"
+    power_iters: int = 4
     weight_decay: float = 1e-4
     rewarm_steps: int = 0
+    verify_replicas: bool = True
     seed: int = 0
+    record: bool = True
 
     def __post_init__(self) -> None:
         if self.kappa < 1:
@@ -101,6 +127,14 @@ class XGBLoRAConfig:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.booster_init not in BOOSTER_INITS:
+            raise ValueError(
+                f"booster_init must be one of {BOOSTER_INITS}, got {self.booster_init!r}"
+            )
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.power_iters < 1:
+            raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.total_steps is not None and self.rounds is not None:
             raise ValueError("give total_steps or rounds, not both")
         if self.rewarm_steps < 0 or self.weight_decay < 0:
@@ -174,7 +208,12 @@ class Booster:
             min(lps, n_units) if isinstance(lps, int) else max(1, round(lps * n_units))
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._step_hook = None
+        self._init_probe: GradientProbe | None = None
+        self._norm_probe: GradientProbe | None = None
+        self._unit_scores: dict[str, float] | None = None
+        self._round_sigma: dict[str, float] = {}
         self.round = 0
         self.global_step = 0
         self.step_in_round = 0
@@ -187,10 +226,19 @@ class Booster:
         self._lr_envelope: dict[int, float] = {}
         self._lr_written: dict[int, float] = {}
         self._booster_params = {id(p) for m in layers.values() for p in (m.lora_a, m.lora_b)}
+        # The layers carry their records too (a layer that already has one keeps it), so the
+        # model alone is enough for xf.export_lora / xf.unmerge_.
+        for layer in layers.values():
+            if not hasattr(layer, "merge_record"):
+                layer.merge_record = MergeRecord.for_layer(layer)
+        self.records: dict[str, MergeRecord] = {n: m.merge_record for n, m in layers.items()}
         for layer in layers.values():
             layer.init = cfg.init
             layer.reset_(self.generator)
         self._begin_round()
+        self._arm_probes()
+        if optimizer is not None:
+            self.attach(optimizer)
 
     # ----------------------------------------------------------------- set-up
     def parameters(self) -> list[nn.Parameter]:
@@ -204,8 +252,18 @@ class Booster:
         ]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Use ``optimizer`` for state resets and learning-rate re-warm-up."""
+        """Use ``optimizer`` for state resets, learning-rate re-warm-up and gradient init.
+
+        Wrappers that hold the real optimizer as ``.optimizer`` (accelerate's, as the
+        transformers ``Trainer`` passes it) are unwrapped for the step hook.
+        """
         self.optimizer = optimizer
+        if self._step_hook is not None:
+            self._step_hook.remove()
+        inner = optimizer
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        self._step_hook = inner.register_step_pre_hook(self._before_optimizer_step)
 
     @property
     def done(self) -> bool:
@@ -215,7 +273,14 @@ class Booster:
     # ----------------------------------------------------------------- rounds
     def _begin_round(self) -> None:
         names = list(self.units)
-        order = torch.randperm(len(names), generator=self.generator)[: self.units_per_round]
+        if self._unit_scores is not None and sum(self._unit_scores.values()) > 0:
+            weights = torch.tensor([self._unit_scores[n] for n in names], dtype=torch.float64)
+            order = torch.multinomial(
+                weights, self.units_per_round, replacement=False, generator=self.generator
+            )
+        else:
+            order = torch.randperm(len(names), generator=self.generator)[: self.units_per_round]
+        self._unit_scores = None
         chosen = sorted(order.tolist())
         self.active = [m for i in chosen for m in self.units[names[i]]]
         active = set(self.active)
@@ -237,10 +302,16 @@ class Booster:
             self._loss_count += 1
         self.global_step += 1
         self.step_in_round += 1
+        if self._init_probe is not None and self._init_probe.captured:
+            raise RuntimeError(
+                "booster_init='gradient' acts just before optimizer.step(): call "
+                "booster.attach(optimizer) before training"
+            )
         ended = self.step_in_round >= self.config.kappa
         if ended:
             self._end_round()
             self._begin_round()
+        self._arm_probes()
         self._apply_rewarm()
         return ended
 
@@ -248,12 +319,84 @@ class Booster:
         """Merge the boosters of an unfinished round (call once after the last step)."""
         if self.step_in_round > 0:
             self._end_round()
+        self._disarm_probes()
         for layer in self.layers.values():
             layer.active = False
+
+    # ----------------------------------------------------------------- gradient probes
+    def _arm_probes(self) -> None:
+        """Hook what the next training step must capture (nothing, for the defaults)."""
+        cfg = self.config
+        self._disarm_probes()
+        if cfg.booster_init == "gradient" and self.step_in_round == 0:
+            self._init_probe = GradientProbe({n: self.layers[n] for n in self.active})
+        if cfg.select == "gradient" and self.step_in_round == cfg.kappa - 1:
+            # Seeded per round: every rank sketches with the same directions.
+            sketch = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.round)
+            self._norm_probe = GradientProbe(self.layers, sketch=sketch)
+
+    def _disarm_probes(self) -> None:
+        for probe in (self._init_probe, self._norm_probe):
+            if probe is not None:
+                probe.remove()
+        self._init_probe = self._norm_probe = None
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._init_probe is not None and self._init_probe.captured:
+            self._gradient_init()
+
+    @torch.no_grad()
+    def _gradient_init(self) -> None:
+        """Point each active ``a`` along ``v1`` of its layer's gradient and fix the gradients.
+
+        At a round's start ``b = 0``, so the true gradients at the new ``a`` are ``da = 0`` and
+        ``db = s G a = s sigma1 |a| u1``: the step the optimizer is about to take is exact.
+        """
+        probe = self._init_probe
+        for name in self.active:
+            layer = self.layers[name]
+            a = layer.lora_a
+            norm = float(a.float().norm())
+            sigma, u, v = top_singular_pair(
+                probe.gradient(name, layer.backend), a, self.config.power_iters
+            )
+            a.copy_(v * norm)
+            a.grad = torch.zeros_like(a)
+            layer.lora_b.grad = (u * (layer.alpha * sigma * norm)).to(layer.lora_b.dtype)
+            self._round_sigma[name] = sigma
+        probe.remove()
+        self._init_probe = None
+
+    def _take_unit_scores(self) -> dict[str, float] | None:
+        """Each unit's gradient norm from the last step's sketch (None if none was taken)."""
+        probe = self._norm_probe
+        if probe is None or not probe.captured:
+            return None
+        squared = probe.squared_norms()
+        return {
+            unit: math.sqrt(sum(squared[m] for m in members))
+            for unit, members in self.units.items()
+        }
 
     @torch.no_grad()
     def _end_round(self) -> None:
         cfg = self.config
+        # All or nothing: a booster with NaN/Inf (a diverged loss) stops the run before any layer
+        # of the round is merged, so the weights stay as they were at the round's start.
+        bad = [
+            n
+            for n in self.active
+            if not all(
+                bool(p.isfinite().all()) for p in (self.layers[n].lora_a, self.layers[n].lora_b)
+            )
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"round {self.round}: the boosters of {bad[:4]} contain NaN/Inf (did the loss "
+                "diverge?); nothing was merged, the weights are unchanged. Lower the learning "
+                "rate or resume from the last checkpoint"
+            )
+        self._unit_scores = self._take_unit_scores()
         update_norms: dict[str, float] = {}
         relative: dict[str, float] = {}
         for index, name in enumerate(self.active):
@@ -264,7 +407,14 @@ class Booster:
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
             seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
-            layer.merge_(cfg.rounding, seed, cfg.merge_step, self.generator)
+            if cfg.record:  # before the merge, which re-initialises the booster
+                self.records[name].add(self.round, cfg.merge_step, layer, cfg.rounding)
+            try:
+                layer.merge_(cfg.rounding, seed, cfg.merge_step, self.generator)
+            except Exception:
+                if cfg.record:  # a refused merge (W untouched) leaves no record behind
+                    self.records[name].remove(len(self.records[name].rounds) - 1)
+                raise
             self._reset_optimizer_state(layer)
             self._touched.add(name)
         trainable = sum(
@@ -282,12 +432,17 @@ class Booster:
                 "trainable_params": trainable,
                 "cumulative_trainable_params": self._cumulative_trainable,
                 "weights_touched": sum(self.layers[n].weight.numel() for n in self._touched),
+                "gradient_sigma": dict(self._round_sigma),
+                "unit_scores": dict(self._unit_scores or {}),
             }
         )
+        self._round_sigma = {}
         self.round += 1
         self.step_in_round = 0
         self._loss_sum = 0.0
         self._loss_count = 0
+        if cfg.verify_replicas:
+            verify_replicas(self, where=f" after round {self.round - 1}")
 
     def _reset_optimizer_state(self, layer: FastRank1Linear) -> None:
         for p in (layer.lora_a, layer.lora_b):
@@ -332,14 +487,24 @@ class Booster:
             "lr_envelope": {str(k): v for k, v in self._lr_envelope.items()},
             "lr_written": {str(k): v for k, v in self._lr_written.items()},
             "generator": self.generator.get_state(),
+            "records": {n: r.state_dict() for n, r in self.records.items() if r.rounds},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state`` fits this booster (changes nothing)."""
         if state["config"] != self.config.to_dict():
             raise ValueError("booster state was saved with a different XGBLoRAConfig")
-        missing = [n for n in state["active"] if n not in self.layers]
+        missing = [n for n in [*state["active"], *state["records"]] if n not in self.layers]
         if missing:
             raise ValueError(f"booster state names layers this model lacks: {missing[:4]}")
+        for name, record in state["records"].items():
+            layer = self.layers[name]
+            MergeRecord.check_state(record, layer.in_features, layer.out_features)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        for name, record in self.records.items():
+            record.load_state_dict(state["records"].get(name))
         self.round = state["round"]
         self.global_step = state["global_step"]
         self.step_in_round = state["step_in_round"]
@@ -356,6 +521,7 @@ class Booster:
         active = set(self.active)
         for name, layer in self.layers.items():
             layer.active = name in active
+        self._arm_probes()
 
     def save_history(self, path: str) -> None:
         """Write the per-round history as JSON."""

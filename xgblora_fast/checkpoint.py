@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from xgblora_fast.boosting import Booster
+from xgblora_fast.layer import FastRank1Linear
 
 LATEST = "latest"
 PREFIX = "checkpoint-"
@@ -107,6 +108,21 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen[ident] = key
         out[key] = t.detach().cpu().contiguous()
     return out
+
+
+def _expected_tensors(model: nn.Module, saved: Any) -> dict[str, torch.Tensor]:
+    """``_model_tensors`` as loading ``saved`` (its keys) will leave the model: the Kahan buffer
+    of a ``FastRank1Linear``, allocated on first use, exists iff it was saved (W's shape, dtype).
+    """
+    expected = _model_tensors(model)
+    for name, module in model.named_modules():
+        if isinstance(module, FastRank1Linear):
+            key = f"{name}.compensation" if name else "compensation"
+            if key in saved:
+                expected[key] = module.weight
+            else:
+                expected.pop(key, None)
+    return expected
 
 
 def _rng_state() -> dict[str, Any]:
@@ -227,9 +243,13 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
 
 def _check_model_fits(folder: Path, model: nn.Module) -> None:
     """Every saved tensor must match the model's key, shape and dtype, and cover the model."""
-    expected = _model_tensors(model)
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
+    try:
+        handle = safe_open(folder / "model.safetensors", framework="pt")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{folder}: model.safetensors is not a safetensors file ({e})") from e
+    with handle as f:
         saved = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        expected = _expected_tensors(model, saved)
         problems = [f"unexpected key {k}" for k in saved if k not in expected]
         problems += [f"missing key {k}" for k in expected if k not in saved]
         for k in saved.keys() & expected.keys():
@@ -280,23 +300,63 @@ def load_checkpoint(
     for name, obj in (("optimizer", optimizer), ("booster", booster)):
         if obj is not None and not (folder / f"{name}.json").exists():
             raise CheckpointError(f"{folder} holds no {name} state")
-    booster_state = load_structure(folder, "booster") if booster is not None else None
-    if booster is not None and booster_state["config"] != booster.config.to_dict():
-        raise CheckpointError(f"{folder}: booster was saved with a different XGBLoRAConfig")
-    tensors = load_file(folder / "model.safetensors")
+    try:
+        booster_state = load_structure(folder, "booster") if booster is not None else None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{folder}: unreadable booster state ({type(e).__name__})") from e
+    if booster is not None:
+        try:  # config, layer names and merge records, before anything is changed
+            booster.check_state(booster_state)
+        except ValueError as e:
+            raise CheckpointError(f"{folder}: {e}") from e
+    # Everything is read and checked before anything is changed: no failure leaves a half-load.
+    try:
+        opt_state = _read_optimizer_state(folder, optimizer) if optimizer is not None else None
+        sched_state = _read_json(folder, "scheduler.json") if scheduler is not None else None
+        rng_state = load_structure(folder, "rng") if restore_rng else None
+        extra = _read_json(folder, "extra.json")
+        tensors = load_file(folder / "model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({type(e).__name__}: {e})") from e
     with torch.no_grad():
-        for key, target in model.state_dict().items():
-            if key in tensors:
-                target.copy_(tensors[key])
+        # Not strict: a tied weight was saved under one of its keys. Layers allocate or drop
+        # their lazily allocated buffers to match (FastRank1Linear._load_from_state_dict).
+        model.load_state_dict(tensors, strict=False)
     if optimizer is not None:
-        opt_state = load_structure(folder, "optimizer")
-        # JSON turned the per-parameter index keys into strings; the optimizer wants ints.
-        opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
         optimizer.load_state_dict(opt_state)
     if booster is not None:
         booster.load_state_dict(booster_state)
     if scheduler is not None:
-        scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        scheduler.load_state_dict(sched_state)
     if restore_rng:
-        _set_rng_state(load_structure(folder, "rng"))
-    return json.loads((folder / "extra.json").read_text())
+        _set_rng_state(rng_state)
+    return extra
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    return json.loads((folder / name).read_text())
+
+
+def _read_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The saved optimizer state, checked against ``optimizer``'s groups and parameter shapes."""
+    state = load_structure(folder, "optimizer")
+    # JSON turned the per-parameter index keys into strings; the optimizer wants ints.
+    state["state"] = {int(k): v for k, v in state["state"].items()}
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != have:
+        raise CheckpointError(
+            f"{folder}: optimizer state has param groups of sizes {saved}, this optimizer {have}"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue  # step counters
+            if index >= len(params) or value.shape != params[index].shape:
+                raise CheckpointError(
+                    f"{folder}: optimizer state {key!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter has "
+                    f"{tuple(params[index].shape) if index < len(params) else 'none'}"
+                )
+    return state

@@ -2,6 +2,8 @@
 
 xgblora-fast finetune                      # the embedded default: MiniLM on movie reviews
 xgblora-fast finetune --model DIR --data train.jsonl --task causal-lm --steps 2000
+xgblora-fast finetune --export-lora adapter  # also write the fine-tune as a peft LoRA adapter
+xgblora-fast export-lora runs/xgblora/checkpoints adapter --rank 8   # from a checkpoint
 xgblora-fast inspect --json                # AOT kernel report (sm_80 / sm_90)
 """
 
@@ -12,7 +14,7 @@ import dataclasses
 import logging
 import sys
 
-from xgblora_fast.boosting import SAMPLE_BY, XGBLoRAConfig
+from xgblora_fast.boosting import BOOSTER_INITS, SAMPLE_BY, SELECTIONS, XGBLoRAConfig
 from xgblora_fast.finetune import DTYPES, METHODS, TASKS, FinetuneConfig
 from xgblora_fast.layer import INITS
 from xgblora_fast.ops.checks import ROUNDINGS
@@ -72,13 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-by", choices=SAMPLE_BY, default=x.sample_by)
     g.add_argument("--merge-step", type=float, default=x.merge_step, help="alpha_t")
     g.add_argument("--rounding", choices=ROUNDINGS, default=x.rounding, help="merge rounding")
-    g.add_argument("--init", choices=INITS, default=x.init, help="booster init of a")
+    g.add_argument("--init", choices=INITS, default=x.init, help="distribution of a random a")
+    g.add_argument(
+        "--booster-init",
+        choices=BOOSTER_INITS,
+        default=x.booster_init,
+        help="gradient: each round's a starts along the top singular vector of dL/dW",
+    )
+    g.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        default=x.select,
+        help="how rounds pick their units: uniformly or by gradient norm",
+    )
+    g.add_argument("--power-iters", type=int, default=x.power_iters, help="for --booster-init")
+    g.add_argument(
+        "--verify-replicas",
+        action=argparse.BooleanOptionalAction,
+        default=x.verify_replicas,
+        help="under torch.distributed: check every round that all ranks hold the same weights",
+    )
     g.add_argument("--weight-decay", type=float, default=x.weight_decay, help="on the boosters")
     g.add_argument(
         "--rewarm-steps",
         type=int,
         default=x.rewarm_steps,
         help="linear lr re-warm-up after each merge (0: off)",
+    )
+    g.add_argument(
+        "--record",
+        action=argparse.BooleanOptionalAction,
+        default=x.record,
+        help="record every merged booster (for --export-lora and xf.unmerge_)",
     )
     g = ft.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="folder for model, history, plot")
@@ -96,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip writing the merged model",
     )
+    g.add_argument(
+        "--export-lora",
+        default=None,
+        metavar="DIR",
+        help="also write the fine-tune as a peft LoRA adapter (rank = rounds) to DIR",
+    )
+
+    ex = sub.add_parser(
+        "export-lora", help="write a checkpoint's boosted fine-tune as a peft LoRA adapter"
+    )
+    ex.add_argument("checkpoint", help="checkpoint folder, or a run's checkpoints folder")
+    ex.add_argument("output", help="adapter folder")
+    ex.add_argument("--rank", type=int, default=None, help="truncate each layer by SVD")
+    ex.add_argument("--base-model", default=None, help="base_model_name_or_path to write")
 
     ins = sub.add_parser("inspect", help="ahead-of-time kernel report (no GPU needed)")
     ins.add_argument("args", nargs=argparse.REMAINDER, help="passed to xgblora_fast.inspect")
@@ -123,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         from xgblora_fast import inspect
 
         return inspect.main(args.args) or 0
+    if args.command == "export-lora":
+        from xgblora_fast.export import export_lora_from_checkpoint
+
+        report = export_lora_from_checkpoint(
+            args.checkpoint, args.output, rank=args.rank, base_model_name_or_path=args.base_model
+        )
+        print(
+            f"LoRA adapter of {len(report['layers'])} layers ({report['adapter_bytes']} bytes, "
+            f"relative error {report['relative_error']:.2e}) in {args.output}"
+        )
+        return 0
     from xgblora_fast.finetune import run
 
     summary = run(config_from_args(args))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from xgblora_fast import data as data_mod
 from xgblora_fast.boosting import Booster, XGBLoRAConfig
 from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
+from xgblora_fast.export import CHECKPOINT_METADATA, adapter_metadata, export_lora
 from xgblora_fast.patching import eject
 
 METHODS = ("xgblora", "lora", "full")
@@ -67,6 +68,7 @@ class FinetuneConfig:
     resume: bool = False
     stop_after: int | None = None  # end this job early (a time-limited slot); resume continues
     save_model: bool = True
+    export_lora: str | None = None  # folder for the fine-tune as a peft LoRA adapter (xgblora)
     xgblora: XGBLoRAConfig = dataclasses.field(
         default_factory=lambda: XGBLoRAConfig(
             target_modules=DEFAULT_TARGETS, alpha=2.0, kappa=10, layers_per_round=0.35
@@ -80,6 +82,8 @@ class FinetuneConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.export_lora and (self.method != "xgblora" or not self.xgblora.record):
+            raise ValueError("export_lora needs method='xgblora' with recording on")
 
 
 # ---------------------------------------------------------------- data
@@ -279,7 +283,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 booster,
                 optimizer,
                 scheduler,
-                extra={"step": step + 1, "evals": evals},
+                extra={"step": step + 1, "evals": evals}
+                # what `xgblora-fast export-lora` needs besides the records (base, head)
+                | ({CHECKPOINT_METADATA: adapter_metadata(model)} if booster else {}),
                 step=step + 1,
             )
     if last < cfg.steps:  # stopped early: the checkpoint carries the run on (--resume)
@@ -308,6 +314,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     }
     if booster is not None:
         booster.save_history(str(out / "history.json"))
+    if cfg.export_lora:  # before save_merged, which ejects the boosted layers
+        export_lora(booster, cfg.export_lora)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(summary, booster, out / "training.png")
     if cfg.save_model:

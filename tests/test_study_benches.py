@@ -1,0 +1,95 @@
+"""bench/accuracy.py and bench/schedule.py: real CLI runs on a tiny offline model, caching,
+tables and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import accuracy
+import schedule
+
+
+@pytest.mark.slow
+def test_schedule_search_runs_variants_caches_them_and_ranks(
+    tiny_folder, sentiment_csv, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        schedule, "BASE", [*schedule.BASE, *_tiny(tiny_folder, sentiment_csv), "--kappa", "2"]
+    )
+    argv = ["--steps", "4", "--batch-size", "8", "--eval-limit", "24", "--out", str(tmp_path)]
+    argv += ["--variants", "base", "gradient init + select"]
+    schedule.main(argv)
+    runs = json.loads((tmp_path / "schedule.json").read_text())
+    assert set(runs) == {
+        schedule.key("base", 4, 0),
+        schedule.key("gradient init + select", 4, 0),
+    }
+    guided = runs[schedule.key("gradient init + select", 4, 0)]
+    assert guided["steps"] == 4 and guided["variant"] == "gradient init + select"
+    md = (tmp_path / "schedule.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "steps" not in line]
+    accs = [float(line.split("|")[5].split()[0]) for line in rows]
+    assert accs == sorted(accs, reverse=True) and len(accs) == 2
+    assert (tmp_path / "schedule.png").stat().st_size > 5000
+
+    # Cached runs are not repeated: a second call with the same variants starts no process.
+    def no_run(*args, **kwargs):
+        raise AssertionError("a cached run was repeated")
+
+    monkeypatch.setattr(schedule, "run_one", no_run)
+    schedule.main(argv)
+
+
+def _tiny(tiny_folder, sentiment_csv) -> list[str]:
+    return [
+        "--model",
+        str(tiny_folder / "bert"),
+        "--data",
+        str(sentiment_csv),
+        "--max-length",
+        "16",
+    ]
+
+
+@pytest.mark.slow
+def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
+    tiny_folder, sentiment_csv, tmp_path, monkeypatch
+):
+    tiny = _tiny(tiny_folder, sentiment_csv)
+    methods = {
+        "LoRA r=1 (peft)": [*accuracy.METHODS["LoRA r=1 (peft)"], *tiny],
+        "XGBLoRA (defaults)": [*accuracy.METHODS["XGBLoRA (defaults)"], *tiny, "--kappa", "2"],
+    }
+    monkeypatch.setattr(accuracy, "METHODS", methods)
+    common = ["--batch-size", "8", "--eval-limit", "24", "--out", str(tmp_path), "--seeds", "0"]
+    accuracy.main(["--steps", "2", *common])
+    accuracy.main(["--steps", "3", *common, "--methods", "XGBLoRA (defaults)"])
+    runs = json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+    assert sorted(runs) == sorted(
+        [
+            accuracy.key("LoRA r=1 (peft)", 2, 0),
+            accuracy.key("XGBLoRA (defaults)", 2, 0),
+            accuracy.key("XGBLoRA (defaults)", 3, 0),
+        ]
+    )
+    assert {(r["method"], r["steps"]) for r in runs.values()} == {
+        ("lora", 2),
+        ("xgblora", 2),
+        ("xgblora", 3),
+    }
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "## 2 optimizer steps" in md and "## 3 optimizer steps" in md
+    # The gap column: LoRA r=1 against itself is +0 at 2 steps; no LoRA row at 3 steps.
+    lora_row = next(line for line in md.splitlines() if line.startswith("| LoRA r=1"))
+    assert lora_row.split("|")[4].strip() == "+0.0000"
+    xgb_rows = [line for line in md.splitlines() if line.startswith("| XGBLoRA")]
+    assert xgb_rows[1].split("|")[4].strip() == "-"
+    assert (tmp_path / "accuracy.png").stat().st_size > 5000
+    # A different batch size cannot be mixed into the same cache.
+    with pytest.raises(SystemExit, match="batch 8"):
+        accuracy.main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
