@@ -26,11 +26,16 @@ from accuracy import RESULTS, key, run_one
 
 BASE = ["--method", "xgblora", "--lr", "5e-3"]
 # name -> options added to BASE (later options win in argparse).
+GUIDED = ["--booster-init", "gradient", "--select", "gradient"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
     "gradient select": ["--select", "gradient"],
-    "gradient init + select": ["--booster-init", "gradient", "--select", "gradient"],
+    "gradient init + select": GUIDED,
+    "gradient init + select, lr 1e-2": [*GUIDED, "--lr", "1e-2"],
+    "gradient init + select, lr 2e-2": [*GUIDED, "--lr", "2e-2"],
+    "gradient init + select, kappa 25": [*GUIDED, "--kappa", "25"],
+    "gradient init, L_s all": ["--booster-init", "gradient", "--layers-per-round", "1.0"],
     "lr 1e-2": ["--lr", "1e-2"],
     "lr 2e-3": ["--lr", "2e-3"],
     "kappa 25": ["--kappa", "25"],

@@ -11,9 +11,27 @@ from transformers import (
     BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 WORDS = [f"w{i}" for i in range(20)]
+LLAMA_VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 32, grouped-query attention 4/2 heads), in eval mode."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
 
 
 def build_tiny_models(root: Path) -> Path:

@@ -1,25 +1,19 @@
 """DDP with 2 CPU processes (gloo): ranks see different data, yet hold bit-identical weights."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from process_group import free_port
 
 import xgblora_fast as xf
 
 WIDTH = 24
 ROUNDS = 4
 KAPPA = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -74,7 +68,7 @@ def _base_weights(model: nn.Module) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_bit_identical_weights_after_stochastic_merges(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     rank0, rank1 = result["weights"]
     assert torch.equal(rank0, rank1)

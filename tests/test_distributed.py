@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from kernel_checks import bits_of
+from process_group import free_port
 
 import xgblora_fast as xf
 from xgblora_fast.distributed import verify_replicas, weights_checksum
@@ -26,12 +26,6 @@ from xgblora_fast.ops import reference
 WIDTH = 16
 KAPPA = 2
 ROUNDS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -77,7 +71,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
 
 
 def _spawn(tmp_path, world: int, mode: str) -> list[dict]:
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), mode), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), mode), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 

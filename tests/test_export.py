@@ -407,31 +407,9 @@ def test_records_survive_a_checkpoint(boosted, tmp_path):
     assert fresh.records[name].rounds == booster.records[name].rounds
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A word-level tokenizer, a tiny BERT body saved like a hub model, and a CSV."""
-    root = tmp_path_factory.mktemp("export_cli")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "w0", "w1", "w2"]
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=24,
-    )
-    BertForSequenceClassification(cfg).bert.save_pretrained(root / "bert")  # fresh head
-    tokenizer.save_pretrained(root / "bert")
-    rows = [f"w{i % 3} {'good' if i % 2 else 'bad'} w{(i + 1) % 3},{i % 2}" for i in range(80)]
-    (root / "train.csv").write_text("\n".join(["text,label", *rows]))
-    return root
-
-
-def test_cli_finetune_and_export_lora_end_to_end(tiny_folder, tmp_path):
+def test_cli_finetune_and_export_lora_end_to_end(tiny_folder, sentiment_csv, tmp_path):
     run = tmp_path / "run"
-    common = ["--model", str(tiny_folder / "bert"), "--data", str(tiny_folder / "train.csv")]
+    common = ["--model", str(tiny_folder / "bert"), "--data", str(sentiment_csv)]
     argv = ["finetune", *common, "--output", str(run), "--steps", "8", "--kappa", "2"]
     argv += ["--batch-size", "8", "--eval-every", "0", "--save-every", "8"]
     assert cli.main([*argv, "--export-lora", str(tmp_path / "live")]) == 0

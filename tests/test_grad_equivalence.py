@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from offline_models import tiny_llama
 from torch.utils.checkpoint import checkpoint
 
 import xgblora_fast as xf
@@ -90,19 +91,8 @@ def test_non_reentrant_checkpoint_gives_the_eager_gradients_bit_for_bit(dropout)
     assert_all_equal(grads(ckpt, x, dy, seed=3), grads(eager, x, dy, seed=3))
 
 
-def _tiny_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+def injected_llama(seed: int = 0):
+    model = tiny_llama(seed)
     layers = xf.inject(model, ["q_proj", "v_proj", "down_proj"], alpha=2.0)
     assert len(layers) == 6
     randomise_boosters(model, 2)
@@ -122,7 +112,7 @@ class EmbedsOnly(nn.Module):
 
 
 def test_hf_gradient_checkpointing_gives_the_eager_gradients():
-    eager = _tiny_llama()
+    eager = injected_llama()
     ckpt = copy.deepcopy(eager)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = []
@@ -140,7 +130,7 @@ def test_hf_gradient_checkpointing_gives_the_eager_gradients():
 
 
 def test_compiled_injected_model_gives_the_eager_gradients():
-    eager = _tiny_llama()
+    eager = injected_llama()
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     run = torch.compile(EmbedsOnly(compiled), backend="aot_eager", fullgraph=True)

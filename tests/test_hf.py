@@ -4,26 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from offline_models import LLAMA_VOCAB, tiny_llama
+from transformers import Trainer, TrainingArguments
 
 import xgblora_fast as xf
 from xgblora_fast.integrations.hf import XGBLoRACallback
 
-VOCAB = 64
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+VOCAB = LLAMA_VOCAB
 
 
 def dataset(n=64, seq=12):
