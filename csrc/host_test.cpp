@@ -102,7 +102,7 @@ Tensor round_t(const Tensor& value, const std::optional<Tensor>& bits, const std
 // round stochastically); compensation is the Kahan buffer. Returns whether the 16-byte path ran.
 bool merge_(Tensor weight, const Tensor& a, const Tensor& b, double scale,
             const std::string& rounding, int64_t seed, const std::optional<Tensor>& compensation,
-            int64_t nthreads, bool allow_vec) {
+            int64_t nthreads, bool allow_vec, int64_t row_offset) {
   check_cpu(weight);
   TORCH_CHECK(weight.dim() == 2 && a.numel() == weight.size(1) && b.numel() == weight.size(0));
   const bool kahan = rounding == "kahan";
@@ -119,7 +119,7 @@ bool merge_(Tensor weight, const Tensor& a, const Tensor& b, double scale,
                               kahan ? compensation->stride(0) : 0,
                               kahan ? compensation->stride(1) : 0, a32.data_ptr<float>(),
                               b32.data_ptr<float>(), static_cast<float>(scale),
-                              static_cast<uint32_t>(seed));
+                              static_cast<uint32_t>(seed), row_offset);
     vectorized = allow_vec && merge_vectorizable(p);
     auto run = [&](auto vec_tag, auto mode_tag) {
       for (int64_t tid = 0; tid < nthreads; ++tid) {
@@ -307,7 +307,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_", &x::merge_, "in-place W += s b a^T through merge_thread; returns vectorized",
         py::arg("weight"), py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("rounding"),
         py::arg("seed"), py::arg("compensation") = py::none(), py::arg("nthreads") = 97,
-        py::arg("allow_vec") = true);
+        py::arg("allow_vec") = true, py::arg("row_offset") = 0);
   m.def("rank1_epilogue_", &x::rank1_epilogue_,
         "y (+)= s u b^T (+ bias) through epilogue_thread; returns vectorized", py::arg("y"),
         py::arg("u"), py::arg("b"), py::arg("bias"), py::arg("scale"), py::arg("accumulate"),

@@ -45,11 +45,13 @@ void launch_colsum_finalize(const float* part, int64_t splits, int64_t cols, flo
                             float* out, cudaStream_t stream);
 
 // In place: w[i, j] = round(w[i, j] + (s b_i) a_j); rounding 0: nearest-even, 1: stochastic
-// (counter-based bits of (seed, i * K + j)), 2: Kahan, which also updates the compensation
-// c [M, K] (w's dtype, strides c_stride_m/k; unused otherwise); any strides; a [K], b [M] fp32
+// (counter-based bits of (seed, (row_offset + i) * K + j): row_offset is w's first row in the
+// whole matrix when w is a row shard), 2: Kahan, which also updates the compensation c [M, K]
+// (w's dtype, strides c_stride_m/k; unused otherwise); any strides; a [K], b [M] fp32
 // contiguous.
 void launch_merge(Dtype dtype, void* w, int64_t M, int64_t K, int64_t stride_m, int64_t stride_k,
                   const float* a, const float* b, float scale, int rounding, uint32_t seed,
-                  void* c, int64_t c_stride_m, int64_t c_stride_k, cudaStream_t stream);
+                  void* c, int64_t c_stride_m, int64_t c_stride_k, int64_t row_offset,
+                  cudaStream_t stream);
 
 }  // namespace xgblora_fast

@@ -6,7 +6,8 @@
 //       -> (y, u)
 //   torch.ops.xgblora_fast.cuda_rank1_linear_bwd(dy, x, weight, a, b, u, scale, x_adapter,
 //       need_dx, need_dab, need_dbias) -> (dx, da, db, dbias, dx_adapter)   (None: not needed)
-//   torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, rounding, seed, compensation) -> ()
+//   torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, rounding, seed, compensation,
+//                                      row_offset=0) -> ()
 //       (rounding "nearest", "stochastic" or "kahan"; compensation: the Kahan buffer or None)
 // Their CUDA kernels are registered for the CUDA dispatch key; the CPU key gets a kernel that
 // raises a clear error (use backend="torch" for CPU tensors).
@@ -217,7 +218,8 @@ int merge_rounding(const char* op, c10::string_view rounding) {
 }
 
 void rank1_merge_cuda_(Tensor weight, const Tensor& a, const Tensor& b, double scale,
-                       c10::string_view rounding, int64_t seed, const OptTensor& compensation) {
+                       c10::string_view rounding, int64_t seed, const OptTensor& compensation,
+                       int64_t row_offset) {
   constexpr const char* op = "xgblora_fast::cuda_merge_";
   const int mode = merge_rounding(op, rounding);
   const bool kahan = rounding == "kahan";
@@ -228,6 +230,7 @@ void rank1_merge_cuda_(Tensor weight, const Tensor& a, const Tensor& b, double s
   check_vector(op, "b", b, weight.size(0));
   TORCH_CHECK(seed >= 0 && seed <= int64_t{0xFFFFFFFF}, op, ": seed must be in [0, 2^32), got ",
               seed);
+  TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0, got ", row_offset);
   TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
               ": weight has overlapping memory (an expanded view); merge into a real tensor");
   TORCH_CHECK(kahan == (comp != nullptr), op,
@@ -245,7 +248,7 @@ void rank1_merge_cuda_(Tensor weight, const Tensor& a, const Tensor& b, double s
                weight.size(1), weight.stride(0), weight.stride(1), a32.data_ptr<float>(),
                b32.data_ptr<float>(), static_cast<float>(scale), mode,
                static_cast<uint32_t>(seed), comp ? comp->data_ptr() : nullptr,
-               comp ? comp->stride(0) : 0, comp ? comp->stride(1) : 0, stream_of());
+               comp ? comp->stride(0) : 0, comp ? comp->stride(1) : 0, row_offset, stream_of());
 }
 
 // ---- CPU: a clear error instead of "could not run ... with arguments from the CPU backend" --
@@ -268,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rank1_linear_bwd_cpu(
 }
 
 void rank1_merge_cpu_(Tensor, const Tensor&, const Tensor&, double, c10::string_view, int64_t,
-                      const OptTensor&) {
+                      const OptTensor&, int64_t) {
   cpu_error("xgblora_fast::cuda_merge_");
 }
 
@@ -285,7 +288,7 @@ TORCH_LIBRARY_FRAGMENT(xgblora_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_merge_(Tensor(a!) weight, Tensor a, Tensor b, float scale, str rounding, int seed, "
-      "Tensor(b!)? compensation) -> ()");
+      "Tensor(b!)? compensation, int row_offset=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(xgblora_fast, CUDA, m) {

@@ -321,7 +321,8 @@ XGB_HD float sum_in_order(const float* x, int64_t count, int64_t stride) {
 
 // How a merge walks W: `outer x inner` in storage order, inner fastest. trans = false: outer
 // runs over rows i and inner over columns j; trans = true (column-major W, e.g. a transposed
-// view): outer runs over columns j and inner over rows i. The counter index stays i * K + j.
+// view): outer runs over columns j and inner over rows i. The counter index stays the global
+// (row0 + i) * K + j, row0 being W's first row in the whole matrix (a row shard's offset).
 // The Kahan compensation C (W's shape, its own strides) is walked in W's order.
 template <typename T>
 struct MergeParams {
@@ -333,15 +334,16 @@ struct MergeParams {
   uint32_t key;  // seed_key(seed)
   int64_t outer, inner, stride_outer, stride_inner, c_stride_outer, c_stride_inner;
   int64_t K;
+  int64_t row0;  // global index of W's first row (stochastic bits only)
   bool trans;
 };
 
 template <typename T>
 XGB_HD MergeParams<T> plan_merge(T* w, int64_t M, int64_t K, int64_t stride_m, int64_t stride_k,
                                  T* c, int64_t c_stride_m, int64_t c_stride_k, const float* a,
-                                 const float* b, float scale, uint32_t seed) {
+                                 const float* b, float scale, uint32_t seed, int64_t row0) {
   const bool trans = stride_k != 1 && stride_m < stride_k && K > 1;
-  MergeParams<T> p{w, c, a, b, scale, seed_key(seed), 0, 0, 0, 0, 0, 0, K, trans};
+  MergeParams<T> p{w, c, a, b, scale, seed_key(seed), 0, 0, 0, 0, 0, 0, K, row0, trans};
   p.outer = trans ? K : M;
   p.inner = trans ? M : K;
   p.stride_outer = trans ? stride_k : stride_m;
@@ -384,7 +386,7 @@ XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads)
       const float sb = mul_rn(p.scale, p.b[o]);
       float a[VEC];
       load_floats<VEC>(p.a + i0, a);
-      if constexpr (STOCHASTIC) counter_hash_run<VEC>(p.key, o * p.K + i0, bits);
+      if constexpr (STOCHASTIC) counter_hash_run<VEC>(p.key, (p.row0 + o) * p.K + i0, bits);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         w.v[v] = merge_element<T, MODE>(w.v[v], sb, a[v], bits[v], c.v[v]);
@@ -395,7 +397,9 @@ XGB_HD void merge_thread(const MergeParams<T>& p, int64_t tid, int64_t nthreads)
       load_floats<VEC>(p.b + i0, b);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        if constexpr (STOCHASTIC) bits[v] = counter_hash_keyed(p.key, (i0 + v) * p.K + o);
+        if constexpr (STOCHASTIC) {
+          bits[v] = counter_hash_keyed(p.key, (p.row0 + i0 + v) * p.K + o);
+        }
         w.v[v] = merge_element<T, MODE>(w.v[v], mul_rn(p.scale, b[v]), aj, bits[v], c.v[v]);
       }
     }

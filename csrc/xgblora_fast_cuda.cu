@@ -225,14 +225,15 @@ void launch_colsum_finalize(const float* part, int64_t splits, int64_t cols, flo
 
 void launch_merge(Dtype dtype, void* w, int64_t M, int64_t K, int64_t stride_m, int64_t stride_k,
                   const float* a, const float* b, float scale, int rounding, uint32_t seed,
-                  void* c, int64_t c_stride_m, int64_t c_stride_k, cudaStream_t stream) {
+                  void* c, int64_t c_stride_m, int64_t c_stride_k, int64_t row_offset,
+                  cudaStream_t stream) {
   if (M == 0 || K == 0) return;
   const auto mode = static_cast<MergeMode>(rounding);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     T* comp = mode == MergeMode::kKahan ? static_cast<T*>(c) : nullptr;
     const auto p = plan_merge(static_cast<T*>(w), M, K, stride_m, stride_k, comp, c_stride_m,
-                              c_stride_k, a, b, scale, seed);
+                              c_stride_k, a, b, scale, seed, row_offset);
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const auto blocks = grid_for(p.outer * (p.inner / V), kThreads);

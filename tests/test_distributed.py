@@ -1,8 +1,10 @@
-"""Replica checks (``xf.distributed``) and per-shard merges.
+"""Replica checks (``xf.distributed``) and per-shard merges (FSDP2).
 
 Multi-process runs use gloo on CPU: the Booster verifies at every round end that all ranks hold
 bit-identical weights; a rank whose weight is perturbed, or that runs another seed, is named in
-a RuntimeError instead of drifting apart silently.
+a RuntimeError instead of drifting apart silently. Under FSDP2 (``fully_shard``) each rank merges
+its own rows of W with their global row offset, and the gathered weights are bit for bit those
+of a single-process run.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from kernel_checks import bits_of
 from process_group import free_port
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate, distribute_tensor
 
 import xgblora_fast as xf
 from xgblora_fast.distributed import verify_replicas, weights_checksum
-from xgblora_fast.ops import reference
 
 WIDTH = 16
 KAPPA = 2
@@ -70,8 +74,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path, world: int, mode: str) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), mode), nprocs=world, join=True)
+def _spawn(tmp_path, world: int, mode: str, worker=_worker) -> list[dict]:
+    mp.spawn(worker, args=(world, free_port(), str(tmp_path), mode), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -145,42 +149,140 @@ def test_checksum_ignores_layout_and_verify_is_a_noop_without_a_process_group():
 
 
 # ------------------------------------------------------------------ per-shard merges (FSDP2)
-def _shard_merge_stochastic_(w_shard, a, b_shard, scale, seed, row0, K):
-    """The stochastic merge of rows ``row0:`` with bits of the *global* element index."""
-    rows = torch.arange(row0, row0 + w_shard.shape[0], dtype=torch.int64)
-    idx = rows[:, None] * K + torch.arange(K, dtype=torch.int64)[None, :]
-    sb = torch.tensor(scale, dtype=torch.float32) * b_shard.float()
-    value = torch.outer(sb, a.float()).add_(w_shard.float())
-    w_shard.copy_(
-        reference.round_stochastic(value, reference.counter_hash(seed, idx), w_shard.dtype)
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_row_shard_merges_equal_rows_of_the_full_merge(dtype, backend):
-    """FSDP shards W by rows (dim 0): a merge of each shard with its rows of b must reproduce the
-    full merge bit for bit. Nearest: the shard merge as is. Stochastic: the bits are drawn from
-    the global index ``i * K + j``, so a shard merge needs its row offset, which ``merge_`` does
-    not take (it indexes from 0): with the offset added (here in PyTorch) the bits agree."""
+    """FSDP shards W by rows (dim 0): merging each row block ``r0:r1`` alone, with ``b[r0:r1]``,
+    ``row_offset=r0`` (and its rows of the Kahan buffer), writes the bits of the full merge.
+    Stochastic bits come from the global index ``(row_offset + i) * K + j``: with
+    ``row_offset=0`` only the first block would agree."""
     M, K, scale, seed = 37, 29, 0.75, 4242
     g = torch.Generator().manual_seed(1)
     w = torch.randn(M, K, generator=g).to(dtype)
     a = torch.randn(K, generator=g) * 1e-2
     b = torch.randn(M, generator=g)
+    comp = (torch.randn(M, K, generator=g) * 1e-3).to(dtype)
     bounds = [0, 10, 19, 37]  # uneven shards, as torch.chunk / FSDP padding give
-    for rounding in ("nearest", "stochastic"):
-        full = w.clone()
-        xf.merge_(full, a, b, scale, rounding, seed=seed, backend=backend)
-        naive, offset = w.clone(), w.clone()
+    for rounding in ("nearest", "stochastic", "kahan"):
+        kahan = rounding == "kahan"
+        full, c_full = w.clone(), comp.clone() if kahan else None
+        xf.merge_(full, a, b, scale, rounding, seed, backend, c_full)
+        shards, c_shards, naive = w.clone(), comp.clone() if kahan else None, w.clone()
         for r0, r1 in itertools.pairwise(bounds):
-            xf.merge_(naive[r0:r1], a, b[r0:r1], scale, rounding, seed=seed, backend=backend)
+            c = c_shards[r0:r1] if kahan else None
+            xf.merge_(shards[r0:r1], a, b[r0:r1], scale, rounding, seed, backend, c, r0)
             if rounding == "stochastic":
-                _shard_merge_stochastic_(offset[r0:r1], a, b[r0:r1], scale, seed, r0, K)
-        if rounding == "nearest":
-            assert torch.equal(bits_of(naive), bits_of(full))
-        else:
-            assert torch.equal(bits_of(offset), bits_of(full))
-            # Without the offset the first shard agrees and the others draw other bits.
+                xf.merge_(naive[r0:r1], a, b[r0:r1], scale, rounding, seed, backend)
+        assert torch.equal(bits_of(shards), bits_of(full)), rounding
+        if kahan:
+            assert torch.equal(bits_of(c_shards), bits_of(c_full))
+        if rounding == "stochastic" and dtype != torch.float32:  # fp32 rounds to nearest
             assert torch.equal(bits_of(naive[:10]), bits_of(full[:10]))
-            assert not torch.equal(bits_of(naive[10:]), bits_of(full[10:]))
+            assert not torch.equal(bits_of(naive[10:19]), bits_of(full[10:19]))
+            assert not torch.equal(bits_of(naive[19:]), bits_of(full[19:]))
+
+
+@pytest.mark.parametrize("row_offset", [-1, 1.0, True, 2**62])
+def test_row_offset_must_be_a_nonnegative_int_within_int64_indices(row_offset):
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises((TypeError, ValueError), match="row_offset"):
+        xf.merge_(w, torch.ones(8), torch.ones(4), 1.0, "stochastic", 1, row_offset=row_offset)
+    assert not w.any()
+
+
+FSDP_ROUNDS = 3
+
+
+def _fsdp_model() -> nn.Module:
+    """Uneven row counts over 2 ranks: W [7, 12] -> 4 + 3 rows, [5, 7] -> 3 + 2, [1, 5] -> 1 + 0."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)
+    ).to(torch.bfloat16)
+
+
+def _boost(shard: bool) -> dict[str, list]:
+    """``FSDP_ROUNDS`` rounds of stochastic merges; the full weights' bits per layer."""
+    model = _fsdp_model()
+    # verify_replicas compares replicated weights: sharded ones are refused.
+    cfg = xf.XGBLoRAConfig(
+        kappa=KAPPA, layers_per_round=2, rounding="stochastic", seed=11, verify_replicas=False
+    )
+    booster = xf.Booster(model, cfg)
+    if shard:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in booster.layers.values():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(booster.param_groups(), lr=5e-2)
+    booster.attach(optimizer)
+    # The same data on every rank: FSDP averages identical gradients, exactly, so the run is
+    # the single-process one unless a merge or re-init differs.
+    torch.manual_seed(100)
+    for _ in range(FSDP_ROUNDS * KAPPA):
+        x = torch.randn(8, 12)
+        loss = nn.functional.mse_loss(model(x.bfloat16()).float(), x[:, :1].sin())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        booster.step(loss.item())
+    assert booster.round == FSDP_ROUNDS
+    out = {}
+    for name, layer in booster.layers.items():
+        w = layer.weight.full_tensor() if shard else layer.weight
+        out[name] = bits_of(w.detach()).tolist()
+    return out
+
+
+def _refusals(mesh) -> dict[str, str]:
+    """The NotImplementedError message of each unsupported call on a DTensor weight."""
+    sharded = xf.FastRank1Linear(6, 5, dtype=torch.bfloat16)
+    fully_shard(sharded, mesh=mesh)
+    replicated = xf.FastRank1Linear(6, 5, dtype=torch.bfloat16)
+    replicated.weight = nn.Parameter(
+        distribute_tensor(replicated.weight.detach(), mesh, [Replicate()]), requires_grad=False
+    )
+    refused = {}
+    for what, call in (
+        ("kahan", lambda: sharded.merge_("kahan")),
+        ("merged_weight", sharded.merged_weight),
+        ("to_linear", sharded.to_linear),
+        ("replicate", lambda: replicated.merge_("stochastic", seed=3)),
+    ):
+        with pytest.raises(NotImplementedError) as info:
+            call()
+        refused[what] = str(info.value)
+    return refused
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result: dict = {"rank": rank}
+    try:
+        result["weights"] = _boost(shard=True)
+        result["refused"] = _refusals(init_device_mesh("cpu", (world,)))
+    except BaseException as e:  # pytest.raises fails with an Exception subclass too
+        result["error"] = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_boosting_gathers_the_single_process_weights_bit_for_bit(tmp_path):
+    """Booster rounds of stochastic merges on ``fully_shard``-ed layers (uneven row shards, one
+    empty) gather to the weights of the same run in one process; Kahan, merged_weight and
+    to_linear on sharded layers, and merges of replicated DTensors, are refused clearly."""
+    results = _spawn(tmp_path, 2, "fsdp", worker=_fsdp_worker)
+    single = _boost(shard=False)
+    assert single["0"] != bits_of(_fsdp_model()[0].weight).tolist()  # merged
+    for r in results:
+        assert "error" not in r, r
+        assert r["weights"] == single
+        refused = r["refused"]
+        assert "FSDP2-sharded weight" in refused["kahan"]
+        assert "full_tensor()" in refused["merged_weight"]
+        assert "full_tensor()" in refused["to_linear"]
+        assert "(Replicate(),)" in refused["replicate"]

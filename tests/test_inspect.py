@@ -132,14 +132,15 @@ def test_reexecs_without_interpreter(monkeypatch):
     assert "TRITON_INTERPRET" not in env
 
 
-def test_merge_seed_is_never_specialised_by_the_jit():
-    """A seed of 1 would become a constexpr Python int and break ``seed.to(tl.uint32)``."""
+def test_merge_seed_and_row_offset_are_never_specialised_by_the_jit():
+    """A seed of 1 would become a constexpr Python int and break ``seed.to(tl.uint32)``; a row
+    offset of 0 or 1 (every first shard) would compile its own kernel."""
     code = (
         "from xgblora_fast.kernels.merge import rank1_merge_kernel as k; "
-        "print([p.do_not_specialize for p in k.params if p.name == 'seed'])"
+        "print([p.do_not_specialize for p in k.params if p.name in ('seed', 'row_offset')])"
     )
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
-    assert proc.stdout.strip() == "[True]"
+    assert proc.stdout.strip() == "[True, True]"

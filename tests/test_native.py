@@ -129,7 +129,7 @@ out["errors"] = {
     "_backward_cuda": err(
         lambda: lin._backward_cuda(dy, x, w, a, b, u, 1.0, None, True, False, True)
     ),
-    "_merge_cuda": err(lambda: merge_mod._merge_cuda(w, a, b, 1.0, "nearest", 0, None)),
+    "_merge_cuda": err(lambda: merge_mod._merge_cuda(w, a, b, 1.0, "nearest", 0, None, 0)),
     "merge_backend_cuda": err(lambda: xf.merge_(w, a, b, 1.0, backend="cuda")),
     "linear_backend_cuda": err(lambda: xf.rank1_linear(x, w, None, a, b, 1.0, backend="cuda")),
     "second_copy": err(lambda: _native.load_built(sys.argv[1])),
@@ -213,6 +213,7 @@ def test_extension_builds_for_sm80_sm90_and_imports_without_a_gpu(cuda_import):
     assert "Tensor(a!) weight" in cuda_import["merge_schema"]
     assert "str rounding" in cuda_import["merge_schema"]
     assert "Tensor(b!)? compensation" in cuda_import["merge_schema"]
+    assert "int row_offset=0" in cuda_import["merge_schema"]
     # The Python custom ops of the same namespace live next to the C++ fragment.
     assert cuda_import["python_ops_intact"]
     assert cuda_import["native_module"], cuda_import["native_status"]
@@ -491,6 +492,43 @@ def test_merge_is_bit_identical_to_reference_and_triton(host, dtype, rounding, M
         assert vectorized == expect_vec
     if near is None and M * K > 1:
         assert not torch.equal(w_host.contiguous(), weight)
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_row_shard_merges_with_row_offset_are_bit_identical_to_the_full_merge(
+    host, dtype, rounding, layout
+):
+    """Row blocks ``r0:r1`` merged alone with ``row_offset=r0`` (the FSDP case) write the bits of
+    the whole-W merge, on the host build as in the reference and Triton, also with a base offset
+    whose indices ``(row_offset + i) * K + j`` cross 2^32 in the middle of a row (the high index
+    word)."""
+    M, K = 40, 72
+    weight, a, b = _merge_case(M, K, dtype, seed=21)
+    kahan = rounding == "kahan"
+    comp = compensation_like(weight, seed=22) if kahan else None
+    base = 2**32 // K - 20  # index 2^32 is element (base + 20, 40)
+    for row0 in (0, base):
+        full, c_full = LAYOUTS[layout](weight), LAYOUTS[layout](comp) if kahan else None
+        host.merge_(full, a, b, 0.75, rounding, 5, c_full, nthreads=37, row_offset=row0)
+        w_ref, c_ref = weight.clone(), comp.clone() if kahan else None
+        reference.merge_reference_(w_ref, a, b, 0.75, rounding, 5, c_ref, row0)
+        w_tri, c_tri = weight.clone(), comp.clone() if kahan else None
+        xf.merge_(w_tri, a, b, 0.75, rounding, 5, "triton", c_tri, row_offset=row0)
+        assert torch.equal(bits_of(full.contiguous()), bits_of(w_ref))
+        assert torch.equal(bits_of(full.contiguous()), bits_of(w_tri))
+        if kahan:
+            assert torch.equal(bits_of(c_full.contiguous()), bits_of(c_ref))
+            assert torch.equal(bits_of(c_full.contiguous()), bits_of(c_tri))
+        shards, c_shards = LAYOUTS[layout](weight), LAYOUTS[layout](comp) if kahan else None
+        for r0, r1 in ((0, 14), (14, 27), (27, 40)):
+            c = c_shards[r0:r1] if kahan else None
+            host.merge_(shards[r0:r1], a, b[r0:r1], 0.75, rounding, 5, c, row_offset=row0 + r0)
+        assert torch.equal(bits_of(shards.contiguous()), bits_of(full.contiguous()))
+        if kahan:
+            assert torch.equal(bits_of(c_shards.contiguous()), bits_of(c_full.contiguous()))
 
 
 @on_host

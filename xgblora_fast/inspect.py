@@ -19,7 +19,7 @@ another file). Its ``--json`` rows are documented in ``roofline.roofline_rows``.
 Each row (``compile_report`` returns them as dicts) has:
 
 - ``kernel``: the kernel name, with the variant in brackets where one kernel is compiled
-  several ways (``rank1_gemm_kernel[dx]``, ``rank1_merge_kernel[stochastic]``).
+  several ways (``rank1_gemm_kernel[dx,db,dbias]``, ``rank1_merge_kernel[stochastic]``).
 - ``arch``: ``"sm_80"`` or ``"sm_90"``.
 - ``config``: the block-size constexprs plus ``num_warps`` and ``num_stages``.
 - ``registers``: registers per thread (ptxas).
@@ -120,8 +120,9 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
 
     Forward: ``A = x [N, K]``, ``B = W [M, K]``, ``out [N, M]``, all row-major, so the unit
     strides are ``stride_ak``, ``stride_bk``, ``stride_om``. dx passes ``B = W.t()``, so
-    ``stride_bm`` is the unit stride instead of ``stride_bk``. ``N`` (tokens) is arbitrary;
-    ``M``, ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
+    ``stride_bm`` is the unit stride instead of ``stride_bk``, and (the training step without
+    dropout) folds in the column sums of ``dy`` for ``db`` and ``dbias``. ``N`` (tokens) is
+    arbitrary; ``M``, ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
     """
     el = f"*{dtype}"
     types = {
@@ -131,6 +132,9 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
         "vout_ptr": "*fp32",
         "bias_ptr": el,
         "rowdot_ptr": "*fp32",
+        "colw_ptr": "*fp32",
+        "wsum_ptr": "*fp32",
+        "csum_ptr": "*fp32",
         "out_ptr": el,
         "scale": "fp32",
         "N": "i32",
@@ -149,14 +153,14 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
         if name.endswith("_ptr")
         or name in ("M", "K", "N_BUCKET", "stride_an", "stride_bm", "stride_bk", "stride_on")
     )
+    # label: (unit stride of B, bias added, column sums of A emitted)
     variants = {
-        # The dx pass has no bias (dbias comes from the reduction kernel).
-        "fwd": ("stride_bk", True),
-        "dx": ("stride_bm", False),
+        "rank1_gemm_kernel": ("stride_bk", True, False),
+        # dx adds no bias: it emits dbias (and db), the column sums of dy.
+        "rank1_gemm_kernel[dx,db,dbias]": ("stride_bm", False, True),
     }
     jobs = []
-    for variant, (unit_b_stride, has_bias) in variants.items():
-        label = "rank1_gemm_kernel" if variant == "fwd" else f"rank1_gemm_kernel[{variant}]"
+    for label, (unit_b_stride, has_bias, col_sums) in variants.items():
         for cfg in rank1_gemm.GEMM_CONFIGS[arch]:
             constexprs = {
                 "stride_ak": 1,
@@ -166,6 +170,8 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
                 "COMPUTE_ROWDOT": True,
                 "ROWDOT_GIVEN": False,
                 "ADD_RANK1": True,
+                "COL_WSUM": col_sums,
+                "COL_SUM": col_sums,
                 "UPCAST": False,
                 "DOT_PRECISION": dot_precision(GEMM_DTYPES[dtype]),
                 **cfg.kwargs,
@@ -237,6 +243,7 @@ def _merge_jobs(arch: int) -> list[KernelJob]:
                 "b_ptr": "*fp32",
                 "scale": "fp32",
                 "seed": "i32",
+                "row_offset": "i32",
                 "M": "i32",
                 "K": "i32",
                 "stride_wm": "i32",

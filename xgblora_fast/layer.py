@@ -15,6 +15,42 @@ from xgblora_fast.ops.rank1_linear import rank1_linear
 INITS = ("kaiming", "gaussian")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(rows of t held here, global index of the first)``: ``(t, 0)`` for a plain tensor.
+
+    A DTensor must be sharded by rows (``Shard(0)``) on a 1-D mesh, as FSDP2's ``fully_shard``
+    keeps parameters: torch.chunk-style blocks, the last ones shorter or empty when the rows do
+    not divide evenly. The local tensor aliases the shard, so writing it updates the parameter.
+    """
+    if not _is_dtensor(t):
+        return t, 0
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"FastRank1Linear merges DTensors sharded by rows on a 1-D mesh (FSDP2's "
+            f"fully_shard: placements (Shard(dim=0),)); got placements {tuple(t.placements)} "
+            f"on a {t.device_mesh.ndim}-D mesh"
+        )
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise NotImplementedError(
+            f"local shard of shape {tuple(local.shape)} is not the torch.chunk block "
+            f"{tuple(shape)} of the global shape {tuple(t.shape)}"
+        )
+    return local, offset[0]
+
+
 class FastRank1Linear(nn.Module):
     """``y = x W^T + bias + s (dropout(x) . a) b^T`` with ``W``/``bias`` frozen.
 
@@ -33,6 +69,11 @@ class FastRank1Linear(nn.Module):
     match the state loaded) and is ``None`` until then; ``to_linear()`` folds it into the plain
     layer's weight, which carries no buffer. Under DDP it is identical on every rank (merges are
     deterministic): ``broadcast_buffers=False`` spares its copy at every forward.
+
+    FSDP2 (``fully_shard``, parameters sharded by rows on a 1-D mesh): ``merge_`` and ``reset_``
+    work on each rank's row block and write the bits a single-process run writes (stochastic
+    rounding draws the bits of the global element index, every rank draws the same whole ``a``).
+    ``rounding="kahan"``, ``merged_weight`` and ``to_linear`` need unsharded weights.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -136,13 +177,19 @@ class FastRank1Linear(nn.Module):
         """Re-initialise the booster in place: ``a`` random (see ``init``), ``b = 0``.
 
         The Kaiming bound 1/sqrt(in) matches peft's ``kaiming_uniform_(lora_A, a=sqrt(5))`` for
-        ``r = 1``. Pass a seeded ``generator`` to draw the same ``a`` on every rank.
+        ``r = 1``. Pass a seeded ``generator`` to draw the same ``a`` on every rank. With ``a``
+        sharded (FSDP2) each rank draws the whole ``[in]`` vector and keeps its block: the
+        shards together are the single-process draw, and every generator advances alike.
         """
+        local_a, start = _local_rows(self.lora_a)
+        a = local_a if local_a.shape[0] == self.in_features else local_a.new_empty(self.in_features)
         width = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         if self.init == "kaiming":
-            self.lora_a.uniform_(-width, width, generator=generator)
+            a.uniform_(-width, width, generator=generator)
         else:
-            self.lora_a.normal_(0.0, width, generator=generator)
+            a.normal_(0.0, width, generator=generator)
+        if a is not local_a:
+            local_a.copy_(a[start : start + local_a.shape[0]])
         self.lora_b.zero_()
 
     @torch.no_grad()
@@ -157,14 +204,29 @@ class FastRank1Linear(nn.Module):
 
         ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
         ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
+
+        FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
+        with the same ``seed`` (and generator state), as ``Booster`` does. Each merges its own
+        rows with the gathered ``a`` and ``b`` (two vector all-gathers) and its global row
+        offset, so the gathered ``W`` is bit for bit the single-process merge. Kahan is refused
+        there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
         """
         scale = step_size * self.alpha
+        if _is_dtensor(self.weight):
+            if rounding == "kahan":
+                raise NotImplementedError(
+                    "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
+                    "sharded with it; use 'stochastic' or 'nearest'"
+                )
+            weight, start = _local_rows(self.weight)
+            a, b = (p.full_tensor() if _is_dtensor(p) else p for p in (self.lora_a, self.lora_b))
+            b = b[start : start + weight.shape[0]]
+        else:
+            weight, start, a, b = self.weight, 0, self.lora_a, self.lora_b
         if rounding == "kahan" and self.compensation is None:
             self.compensation = torch.zeros_like(self.weight)
         compensation = self.compensation if rounding == "kahan" else None
-        merge_(
-            self.weight, self.lora_a, self.lora_b, scale, rounding, seed, self.backend, compensation
-        )
+        merge_(weight, a, b, scale, rounding, seed, self.backend, compensation, row_offset=start)
         self.reset_(generator)
 
     @torch.no_grad()
@@ -172,8 +234,14 @@ class FastRank1Linear(nn.Module):
         """A copy of ``W + s b a^T (+ compensation)`` in W's dtype, rounded once to nearest.
 
         The layer is unchanged; with a Kahan buffer the result holds what earlier merges'
-        rounding dropped too (a Kahan merge of copies).
+        rounding dropped too (a Kahan merge of copies). Not for FSDP2-sharded weights: merge in
+        place and gather ``weight.full_tensor()`` instead.
         """
+        if _is_dtensor(self.weight):
+            raise NotImplementedError(
+                "merged_weight()/to_linear() build the whole W: on an FSDP2-sharded layer call "
+                "merge_() and gather weight.full_tensor()"
+            )
         weight = self.weight.detach().clone()
         compensation = None if self.compensation is None else self.compensation.clone()
         rounding = "nearest" if compensation is None else "kahan"

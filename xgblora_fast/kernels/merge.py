@@ -3,7 +3,8 @@
 Bandwidth-bound: each program owns a ``BLOCK_M x BLOCK_K`` tile of ``W``, loads the matching
 slices of ``a`` and ``b``, computes ``w + (s * b_i) * a_j`` in fp32 and stores it rounded to
 ``W``'s dtype, either to nearest-even or stochastically with counter-based bits
-(``rng.counter_hash`` of the logical element index ``i * K + j``), or compensated (Kahan): with
+(``rng.counter_hash`` of the global element index ``(row_offset + i) * K + j``: a row shard
+merged with its offset draws the bits of the whole-W merge), or compensated (Kahan): with
 a buffer ``C`` of W's shape and dtype, ``y = (s * b_i) * a_j + c``, ``w' = round(w + y)`` and
 ``c' = round(y - (w' - w))``, the part of ``y`` that rounding dropped, kept for the next merge
 (one more read and write of ``C``; see ``reference.kahan_step`` for why it is exact).
@@ -31,8 +32,9 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 # The JIT turns an int argument equal to 1 into a constexpr (a Python int without ``.to``), and
-# each seed divisible by 16 would compile anew: the seed is never specialised.
-@triton.jit(do_not_specialize=["seed"])
+# each value divisible by 16 (or equal to 0 or 1) would compile anew: the seed and the row offset
+# are runtime values, never specialised.
+@triton.jit(do_not_specialize=["seed", "row_offset"])
 def rank1_merge_kernel(
     w_ptr,
     c_ptr,
@@ -40,6 +42,7 @@ def rank1_merge_kernel(
     b_ptr,
     scale,
     seed,
+    row_offset,
     M,
     K,
     stride_wm,
@@ -75,7 +78,7 @@ def rank1_merge_kernel(
         # part rounding dropped.
         tl.store(c_ptrs, round_nearest(y - (to_float32_exact(out) - w), W_DTYPE), mask=mask)
     elif STOCHASTIC:
-        idx = rm[:, None].to(tl.int64) * K + rk[None, :]
+        idx = (rm[:, None].to(tl.int64) + row_offset) * K + rk[None, :]
         out = round_stochastic(w + update, counter_hash(seed, idx), W_DTYPE)
     else:
         out = round_nearest(w + update, W_DTYPE)
@@ -90,12 +93,14 @@ def rank1_merge_triton_(
     rounding: str,
     seed: int,
     compensation: torch.Tensor | None = None,
+    row_offset: int = 0,
 ) -> None:
     """Launch ``rank1_merge_kernel`` on ``weight [M, K]`` (any strides), in place.
 
     ``a [K]`` and ``b [M]`` are fp32 or ``weight``'s dtype; ``rounding`` is ``"nearest"``,
     ``"stochastic"`` or ``"kahan"``, which also updates ``compensation [M, K]`` (W's dtype, any
-    strides) in place. Arguments are validated by the caller.
+    strides) in place; ``row_offset`` is the global index of W's first row (stochastic bits).
+    Arguments are validated by the caller.
     """
     M, K = weight.shape
     a, b = a.contiguous(), b.contiguous()  # the kernel reads the vectors with unit stride
@@ -109,6 +114,7 @@ def rank1_merge_triton_(
         b,
         float(scale),
         int(seed),
+        int(row_offset),
         M,
         K,
         weight.stride(0),

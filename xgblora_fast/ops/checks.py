@@ -167,8 +167,12 @@ def check_merge_args(
     scale: object,
     rounding: object,
     compensation: torch.Tensor | None = None,
+    row_offset: object = 0,
 ) -> float:
     """Validate ``merge_`` inputs, values included; return the scale as a float.
+
+    ``row_offset`` (W's first global row) must be an int >= 0 with every global element index
+    ``(row_offset + i) * K + j`` inside int64, the kernels' index type.
 
     Raises before anything is written when the update ``s * b a^T`` (plus the compensation
     for ``rounding="kahan"``) would be NaN/Inf, or would push ``weight`` past its dtype's largest
@@ -190,6 +194,12 @@ def check_merge_args(
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     check_compensation(weight, compensation, rounding)
+    if not isinstance(row_offset, int) or isinstance(row_offset, bool):
+        raise TypeError(f"row_offset must be an int, got {type(row_offset).__name__}")
+    if row_offset < 0:
+        raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+    if (row_offset + M) * K > 2**63 - 1:
+        raise ValueError(f"row_offset={row_offset}: global element indices overflow int64")
     s = check_scale(scale)
     if weight.numel() == 0:
         return s

@@ -1,7 +1,9 @@
 """The in-place rank-1 merge ``W += s * b a^T`` as a mutating custom op.
 
 Rounding: ``"nearest"`` (round-to-nearest-even into W's dtype), ``"stochastic"`` (unbiased,
-counter-based bits from ``seed``: the same seed gives the same bits on every rank and backend) or
+counter-based bits from ``seed`` and the element's global index ``(row_offset + i) * K + j``: the
+same seed gives the same bits on every rank and backend, and a row block of W merged alone with
+its ``row_offset`` gets the bits of those rows in the whole-W merge, as FSDP shards need) or
 ``"kahan"`` (compensated: a buffer ``C`` of W's shape and dtype keeps what rounding dropped and
 adds it back at the next merge). fp32 weights are rounded to nearest under ``"stochastic"``: an
 fp32 result needs no stochastic rounding; ``"kahan"`` on fp32 is classic Kahan summation.
@@ -22,15 +24,17 @@ from xgblora_fast.ops.checks import check_backend, check_merge_args
 SEED_BITS = 31
 
 
-def _merge_triton(weight, a, b, scale, rounding, seed, compensation):
+def _merge_triton(weight, a, b, scale, rounding, seed, compensation, row_offset):
     from xgblora_fast.kernels.merge import rank1_merge_triton_
 
-    rank1_merge_triton_(weight, a, b, scale, rounding, seed, compensation)
+    rank1_merge_triton_(weight, a, b, scale, rounding, seed, compensation, row_offset)
 
 
-def _merge_cuda(weight, a, b, scale, rounding, seed, compensation):
+def _merge_cuda(weight, a, b, scale, rounding, seed, compensation, row_offset):
     native_module()  # loads the extension (registering its ops) on first use
-    torch.ops.xgblora_fast.cuda_merge_(weight, a, b, scale, rounding, seed, compensation)
+    torch.ops.xgblora_fast.cuda_merge_(
+        weight, a, b, scale, rounding, seed, compensation, row_offset
+    )
 
 
 _MERGE = {"torch": reference.merge_reference_, "triton": _merge_triton, "cuda": _merge_cuda}
@@ -46,17 +50,19 @@ def merge_op(
     seed: int,
     backend: str,
     compensation: torch.Tensor | None,
+    row_offset: int = 0,
 ) -> None:
     """In-place ``weight [M, K] += scale * b [M] a [K]^T`` (arguments already validated);
-    ``compensation [M, K]`` (W's dtype) is read and written for ``rounding="kahan"`` only."""
+    ``compensation [M, K]`` (W's dtype) is read and written for ``rounding="kahan"`` only;
+    ``row_offset``: global index of W's first row (stochastic bits)."""
     if weight.numel() == 0:
         return
     merge = _MERGE[resolve_backend(backend, weight.device)]
-    merge(weight, a, b, scale, rounding, seed, compensation)
+    merge(weight, a, b, scale, rounding, seed, compensation, row_offset)
 
 
 @merge_op.register_fake
-def _(weight, a, b, scale, rounding, seed, backend, compensation):
+def _(weight, a, b, scale, rounding, seed, backend, compensation, row_offset=0):
     return None
 
 
@@ -69,6 +75,7 @@ def merge_(
     seed: int | None = None,
     backend: str = "auto",
     compensation: torch.Tensor | None = None,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Merge a rank-1 update into ``weight`` in place: ``weight += scale * outer(b, a)``.
 
@@ -84,13 +91,19 @@ def merge_(
             ``weight``'s dtype and device, any strides, zeros before the first merge and kept
             between merges (``torch.zeros_like(weight)``). Per element, in fp32:
             ``y = s b_i a_j + c``, ``w' = round(w + y)``, ``c' = round(y - (w' - w))``.
+        row_offset: int >= 0, the global row index of ``weight``'s first row when ``weight`` is
+            rows ``r0:r1`` of a larger matrix (a row shard, as FSDP keeps): stochastic rounding
+            draws the bits of element ``(row_offset + i, j)``, so merging every row block with
+            its ``b[r0:r1]`` and ``row_offset=r0`` (and, for Kahan, its rows of the buffer) writes
+            the bits of the whole-matrix merge. ``K`` stays ``weight``'s row length: the blocks
+            must be whole rows. Nearest and Kahan do not depend on it.
     Returns:
         ``weight`` (same object).
     Raises:
         ValueError/TypeError before anything is written, for bad shapes, dtypes or devices, or
         an update that contains NaN/Inf or would overflow ``weight``'s dtype.
     """
-    scale = check_merge_args(weight, a, b, scale, rounding, compensation)
+    scale = check_merge_args(weight, a, b, scale, rounding, compensation, row_offset)
     check_backend(backend)
     resolve_backend(backend, weight.device)
     stochastic = rounding == "stochastic"
@@ -98,5 +111,7 @@ def merge_(
         seed = int(torch.randint(0, 2**SEED_BITS, ())) if stochastic else 0
     seed = int(seed) & (2**SEED_BITS - 1)
     with torch.no_grad():
-        merge_op(weight, a.detach(), b.detach(), scale, rounding, seed, backend, compensation)
+        merge_op(
+            weight, a.detach(), b.detach(), scale, rounding, seed, backend, compensation, row_offset
+        )
     return weight

@@ -65,11 +65,13 @@ def merge_reference_(
     rounding: str,
     seed: int,
     compensation: torch.Tensor | None = None,
+    row_offset: int = 0,
 ) -> None:
     """``weight += s * b a^T`` in place, in row chunks; same bits as ``rank1_merge_kernel``.
 
-    ``rounding``: ``"nearest"``, ``"stochastic"`` (bits from ``seed``) or ``"kahan"``, which
-    reads and writes ``compensation`` (W's shape and dtype; see ``kahan_step``).
+    ``rounding``: ``"nearest"``, ``"stochastic"`` (bits from ``seed`` and the global element
+    index ``(row_offset + i) * K + j``) or ``"kahan"``, which reads and writes ``compensation``
+    (W's shape and dtype; see ``kahan_step``).
     """
     M, K = weight.shape
     a32 = a.detach().float()
@@ -90,7 +92,9 @@ def merge_reference_(
             w.add_(value)
         elif rounding == "stochastic":
             value.add_(w)
-            row_idx = torch.arange(r0, r1, device=weight.device, dtype=torch.int64)
+            row_idx = torch.arange(
+                row_offset + r0, row_offset + r1, device=weight.device, dtype=torch.int64
+            )
             bits = counter_hash(seed, row_idx[:, None] * K + cols[None, :])
             w.copy_(round_stochastic(value, bits, weight.dtype))
             del bits
