@@ -15,7 +15,7 @@ import logging
 import sys
 
 from xgblora_fast.boosting import BOOSTER_INITS, SAMPLE_BY, SELECTIONS, XGBLoRAConfig
-from xgblora_fast.finetune import DTYPES, METHODS, TASKS, FinetuneConfig
+from xgblora_fast.finetune import DEFAULT_LR, DTYPES, METHODS, TASKS, FinetuneConfig
 from xgblora_fast.layer import INITS
 from xgblora_fast.ops.checks import ROUNDINGS
 
@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, default=d.method, help="xgblora or a baseline")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate of the adapters")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the adapters (full: of the model); default per method: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()),
+    )
     g.add_argument("--head-lr", type=float, default=d.head_lr, help="lr of a fresh task head")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: only at end")

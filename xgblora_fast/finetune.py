@@ -40,6 +40,12 @@ DEFAULT_TARGETS = (
 )
 
 
+# Learning rates per method: the adapters' (boosters', LoRA's) or, for full fine-tuning, the
+# model's. XGBLoRA's boosters restart every round, so they take larger steps than LoRA's (see
+# bench/results/schedule.md).
+DEFAULT_LR = {"xgblora": 5e-3, "lora": 5e-3, "full": 5e-5}
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
     """Everything a fine-tuning run needs; the CLI maps its options one to one onto these."""
@@ -53,7 +59,7 @@ class FinetuneConfig:
     method: str = "xgblora"
     steps: int = 300
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float | None = None  # None: the method's entry in DEFAULT_LR
     head_lr: float = 2e-3
     warmup_ratio: float = 0.05
     max_length: int = 64
@@ -71,7 +77,12 @@ class FinetuneConfig:
     export_lora: str | None = None  # folder for the fine-tune as a peft LoRA adapter (xgblora)
     xgblora: XGBLoRAConfig = dataclasses.field(
         default_factory=lambda: XGBLoRAConfig(
-            target_modules=DEFAULT_TARGETS, alpha=2.0, kappa=10, layers_per_round=0.35
+            target_modules=DEFAULT_TARGETS,
+            alpha=2.0,
+            kappa=10,
+            layers_per_round=0.35,
+            booster_init="gradient",  # +2.1 points on the demo task (bench/results/schedule.md)
+            select="gradient",
         )
     )
 
@@ -82,6 +93,8 @@ class FinetuneConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
         if self.export_lora and (self.method != "xgblora" or not self.xgblora.record):
             raise ValueError("export_lora needs method='xgblora' with recording on")
 
