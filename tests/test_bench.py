@@ -58,6 +58,13 @@ def test_roofline_counts_by_hand():
     # + row dot (2NK) + rank-1 FMA and bias (3NM); + fp32 a, b read and u written.
     assert fused.flops == 2 * n * k * m + 2 * n * k + 3 * n * m
     assert fused.bytes == gemm.bytes + 4 * (k + m + n)
+    dx = _cost("fused", "rank1_gemm_kernel[dx,db,dbias]", n, k, m, elt)
+    # + row dot v (2NM), rank-1 epilogue (2NK), dy^T u (2NM), dy^T 1 (NM); one read of dy;
+    # + fp32 a, b, u read, v written, one partial row (N <= 128 rows: one block) of db and dbias.
+    assert dx.flops == 2 * n * k * m + 5 * n * m + 2 * n * k
+    assert dx.bytes == elt * (n * m + m * k + n * k) + 4 * (m + k + 2 * n + 2 * m)
+    sums = _cost("fused", "partial-row sums db, dbias (torch)", n, k, m, elt)
+    assert sums.bytes == 4 * (2 * m + 2 * m)
     merge = _cost("fused", "rank1_merge_kernel[nearest]", n, k, m, elt)
     assert merge.bytes == 2 * elt * m * k + 4 * (m + k)  # one read, one write of W
     copy = _cost("linear", "copy W", n, k, m, elt)
@@ -132,7 +139,7 @@ def test_measured_numbers_replace_predictions(tmp_path):
 def test_compile_rows_join_the_triton_kernels():
     compiled = [
         {
-            "kernel": "rank1_gemm_kernel[dx]",
+            "kernel": "rank1_gemm_kernel[dx,db,dbias]",
             "arch": "sm_90",
             "dtype": "bf16",
             "config": {"BLOCK_N": 128, "num_warps": 8},
@@ -158,11 +165,11 @@ def test_compile_rows_join_the_triton_kernels():
     ]
     rows = roofline.roofline_rows(64, 64, 64, "bf16", compile_rows=compiled)
     by_name = {r["name"]: r for r in rows if r["row"] == "kernel"}
-    [dx] = by_name["rank1_gemm_kernel[dx]"]["compile"]["sm_90"]
+    [dx] = by_name["rank1_gemm_kernel[dx,db,dbias]"]["compile"]["sm_90"]
     assert dx["registers"] == 168 and dx["tensor_core_instructions"] == {"HGMMA": 8}
     assert "ptx_mma" not in dx
-    for name in ("weighted_colsum_kernel[da]", "weighted_colsum_kernel[db,dbias]"):
-        assert by_name[name]["compile"]["sm_80"][0]["registers"] == 40
+    assert by_name["weighted_colsum_kernel[da]"]["compile"]["sm_80"][0]["registers"] == 40
+    assert by_name["partial-row sums db, dbias (torch)"]["compile"] == {}
     assert by_name["rank1_gemm_kernel"]["compile"] == {}
     assert all(r["compile"] == {} for r in rows if r["path"] != "fused")
     text = roofline.format_roofline(rows, 64, 64, 64, "bf16")

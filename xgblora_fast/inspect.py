@@ -121,8 +121,9 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
     Forward: ``A = x [N, K]``, ``B = W [M, K]``, ``out [N, M]``, all row-major, so the unit
     strides are ``stride_ak``, ``stride_bk``, ``stride_om``. dx passes ``B = W.t()``, so
     ``stride_bm`` is the unit stride instead of ``stride_bk``, and (the training step without
-    dropout) folds in the column sums of ``dy`` for ``db`` and ``dbias``. ``N`` (tokens) is
-    arbitrary; ``M``, ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
+    dropout) folds in the column sums of ``dy`` for ``db`` and ``dbias``, with the configs the
+    autotuner keeps for it (``rank1_gemm.colsum_configs``). ``N`` (tokens) is arbitrary; ``M``,
+    ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
     """
     el = f"*{dtype}"
     types = {
@@ -161,7 +162,8 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
     }
     jobs = []
     for label, (unit_b_stride, has_bias, col_sums) in variants.items():
-        for cfg in rank1_gemm.GEMM_CONFIGS[arch]:
+        configs = rank1_gemm.GEMM_CONFIGS[arch]
+        for cfg in rank1_gemm.colsum_configs(configs) if col_sums else configs:
             constexprs = {
                 "stride_ak": 1,
                 unit_b_stride: 1,

@@ -25,10 +25,12 @@ The three paths, kernel by kernel:
 - ``linear``: frozen ``nn.Linear`` (cuBLAS), the floor: one GEMM forward, one GEMM (``dx``)
   backward; for the merge the floor is one copy of ``W`` (one read, one write).
 - ``fused``: xgblora-fast's Triton kernels (``kernels/``): forward ``rank1_gemm_kernel``;
-  backward ``rank1_gemm_kernel[dx]`` plus two ``weighted_colsum_kernel`` passes (``da`` over
-  ``x``; ``db`` and ``dbias`` together over ``dy``); merge = ``merge_``'s ``max|W|`` check (one
-  read of ``W``, see ``ops/checks.py``) plus ``rank1_merge_kernel`` (one read and one write).
-  Stochastic rounding moves the same bytes as nearest.
+  backward ``rank1_gemm_kernel[dx,db,dbias]``, one read of ``dy`` for ``dx``, ``v = dy.b``
+  and the column sums of ``db`` and ``dbias`` (one fp32 partial row each per ``FUSED_BLOCK_N``
+  rows of ``dy``), then torch's sums of those partial rows and one ``weighted_colsum_kernel``
+  pass (``da`` over ``x``); merge = ``merge_``'s ``max|W|`` check (one read of ``W``, see
+  ``ops/checks.py``) plus ``rank1_merge_kernel`` (one read and one write). Stochastic rounding
+  moves the same bytes as nearest.
 - ``peft``: peft 0.21's LoRA ``Linear`` with r=1 and its default fp32 adapters, op by op as
   autograd runs it (``tuners/lora/layer.py``): half-precision ``x`` is cast to fp32 for the
   adapter, the result is promoted to fp32 and cast back, and the backward mirrors every step.
@@ -47,6 +49,9 @@ PATHS = ("linear", "fused", "peft")
 OPERATIONS = ("forward", "backward", "forward+backward", "merge")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_SHAPE = (16384, 4096, 4096)  # N, K, M: a 7B attention layer at the largest GPU N
+# Row block of the dx kernel's large-N configs (kernels/rank1_gemm.py): it writes one partial
+# row of db and dbias per block of this many rows of dy.
+FUSED_BLOCK_N = 128
 
 # Provider names of bench/microbench.py, the join key with its measured results.
 PROVIDER_FLOOR = "nn.Linear (frozen)"
@@ -121,6 +126,7 @@ def kernel_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
     """
     f4 = 4
     nk, nm, mk = n * k, n * m, m * k
+    partial = -(-n // FUSED_BLOCK_N) * m  # elements of each fp32 partial buffer (db, dbias)
     gemm = 2 * n * k * m
     cast = elt != f4  # peft casts half-precision activations to its fp32 adapters' dtype
 
@@ -139,22 +145,23 @@ def kernel_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
             gemm + 2 * nk + 3 * nm,
             elt * (nk + mk + nm + m) + f4 * (k + m + n),
         ),
-        # dx: GEMM + row dot v = dy.b (2NM) + epilogue s v a^T (2NK); reads a, b, writes v.
+        # dx: GEMM + row dot v = dy.b (2NM) + epilogue s v a^T (2NK) + the column sums of the
+        # same dy tiles, dy^T u (2NM) and dy^T 1 (NM); reads a, b, u, writes v and the partials.
         kc(
             "fused",
             "backward",
-            "rank1_gemm_kernel[dx]",
-            gemm + 2 * nm + 2 * nk,
-            elt * (nm + mk + nk) + f4 * (m + k + n),
+            "rank1_gemm_kernel[dx,db,dbias]",
+            gemm + 5 * nm + 2 * nk,
+            elt * (nm + mk + nk) + f4 * (m + k + 2 * n + 2 * partial),
+        ),
+        kc(
+            "fused",
+            "backward",
+            "partial-row sums db, dbias (torch)",
+            2 * partial,
+            f4 * (2 * partial + 2 * m),
         ),
         kc("fused", "backward", "weighted_colsum_kernel[da]", 2 * nk, elt * nk + f4 * (n + k)),
-        kc(
-            "fused",
-            "backward",
-            "weighted_colsum_kernel[db,dbias]",
-            3 * nm,
-            elt * nm + f4 * (n + 2 * m),
-        ),
         kc("fused", "merge", "max|W| check (torch)", mk, elt * mk),
         kc("fused", "merge", "rank1_merge_kernel[nearest]", 2 * mk, 2 * elt * mk + f4 * (m + k)),
         # peft forward: result = base(x); result = result + lora_B(lora_A(x.to(f32))) * s.
@@ -242,7 +249,7 @@ def load_measured(
 def _compile_label(kernel: str) -> str | None:
     """The ``inspect.compile_report`` label of a fused Triton kernel row (None otherwise)."""
     if kernel.startswith("weighted_colsum_kernel"):
-        return "weighted_colsum_kernel"  # one compilation serves da and db+dbias
+        return "weighted_colsum_kernel"  # the report's one compilation stands for every use
     if kernel.startswith(("rank1_gemm_kernel", "rank1_merge_kernel")):
         return kernel
     return None

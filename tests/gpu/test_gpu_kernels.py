@@ -1,7 +1,8 @@
 """The kernels on a CUDA device, compiled (not interpreted), against float64 references.
 
 - ``rank1_linear`` on every backend (``triton``: ``rank1_gemm_kernel`` for the forward and
-  ``dx``, ``weighted_colsum_kernel`` for ``da``/``db``/``dbias``; ``cuda``: the C++ extension,
+  ``dx`` (with ``db``/``dbias`` folded in when there is no dropout), ``weighted_colsum_kernel``
+  for ``da``, and for ``db``/``dbias`` otherwise; ``cuda``: the C++ extension,
   built on the spot when missing; ``torch``: the reference path on cuBLAS): outputs and the
   gradients of x, a, b, bias against float64 on the CPU; fp32/fp16/bf16; N = 1, sizes divisible
   by no block, 3-D and strided inputs, bf16 adapters, dropout, an empty batch.
@@ -162,6 +163,27 @@ def test_dropout_forward_and_gradients(gpu_backend, dtype):
     assert rel_err(y, y_ref.detach()) < TOL[dtype]
     for name, ref in (("x", x64.grad), ("a", a64.grad), ("b", b64.grad)):
         assert rel_err(grads[name], ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_db_dbias_folded_into_dx_match_the_unfused_pass(dtype):
+    """Compiled and autotuned on this call (a shape no other test uses): candidates with other
+    BLOCK_N write other numbers of partial rows, and only the chosen config's are summed. db and
+    dbias from the dx GEMM match weighted_colsum's pass over dy (dx not needed) and float64."""
+    from xgblora_fast.ops.rank1_linear import _backward_triton
+
+    x, weight, _, a, b, dy = make_inputs((333,), 777, 555, dtype, False, seed=5)
+    x, weight, a, b, dy = (t.to(CUDA) for t in (x, weight, a, b, dy))
+    u = x.float() @ a
+    _, _, db, dbias, _ = _backward_triton(dy, x, weight, a, b, u, 0.75, None, True, True, True)
+    _, _, db_unfused, dbias_unfused, _ = _backward_triton(
+        dy, x, weight, a, b, u, 0.75, None, False, True, True
+    )
+    dy64 = dy.cpu().double()
+    assert rel_err(db, 0.75 * dy64.t() @ u.cpu().double()) < 1e-5
+    assert rel_err(dbias, dy64.sum(0)) < 1e-5
+    assert rel_err(db, db_unfused.cpu().double()) < 1e-5
+    assert rel_err(dbias, dbias_unfused.cpu().double()) < 1e-5
 
 
 def test_empty_batch(gpu_backend):

@@ -166,3 +166,58 @@ def test_custom_op_registration_passes_opcheck():
     a.requires_grad_()
     b.requires_grad_()
     torch.library.opcheck(rank1_linear_fwd, (x, weight, bias, a, b, 0.5, None, "torch"))
+
+
+class _CountingLaunches:
+    """Stands in for a Triton kernel and counts its ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dy_layout", ["contiguous", "strided", "broadcast"])
+def test_triton_backward_folds_db_and_dbias_into_the_dx_gemm(dtype, dy_layout, monkeypatch):
+    """dx needed, no dropout: db and dbias come from the dx GEMM's pass over dy, so
+    ``weighted_colsum_kernel`` runs for da only; they match the unfused path (dx not needed)
+    and the float64 sums. N=50 and 70 columns span several ragged row blocks and K chunks."""
+    from xgblora_fast.kernels import rank1_reduce
+    from xgblora_fast.ops.rank1_linear import _backward_triton
+
+    x, weight, _, a, b, dy = make_inputs((50,), 45, 70, dtype, False, seed=21)
+    if dy_layout == "strided":
+        dy = torch.stack([dy, -dy], dim=2)[..., 0]
+    elif dy_layout == "broadcast":  # what autograd hands over for y.sum(): stride 0 rows
+        dy = dy[0].expand_as(dy)
+    u = x.float() @ a
+    counter = _CountingLaunches(rank1_reduce.weighted_colsum_kernel)
+    monkeypatch.setattr(rank1_reduce, "weighted_colsum_kernel", counter)
+
+    dx, da, db, dbias, _ = _backward_triton(dy, x, weight, a, b, u, 0.75, None, True, True, True)
+    assert counter.launches == 1  # da = s x^T v; dy is not read again
+    assert dx is not None and da is not None
+    _, _, db_unfused, dbias_unfused, _ = _backward_triton(
+        dy, x, weight, a, b, u, 0.75, None, False, True, True
+    )
+    assert counter.launches == 3  # da, then db and dbias in one more pass over dy
+    dy64 = dy.double()
+    assert rel_err(db, 0.75 * dy64.t() @ u.double()) < 1e-6
+    assert rel_err(dbias, dy64.sum(0)) < 1e-6
+    assert rel_err(db, db_unfused.double()) < 1e-6
+    assert rel_err(dbias, dbias_unfused.double()) < 1e-6
+
+    # dbias alone (frozen adapters, trainable bias) comes from the dx GEMM as well.
+    _, da, db, dbias_only, _ = _backward_triton(
+        dy, x, weight, a, b, u, 0.75, None, True, False, True
+    )
+    assert counter.launches == 3 and da is None and db is None
+    assert rel_err(dbias_only, dy64.sum(0)) < 1e-6
+
+    # With adapter dropout the dx GEMM does not fold them: weighted_colsum reads dy for db.
+    _backward_triton(dy, x, weight, a, b, u, 0.75, x.clone(), True, True, True)
+    assert counter.launches == 5

@@ -2,14 +2,20 @@
 
     out[n, m] = sum_k A[n, k] B[m, k]  +  s * r[n] * vout[m]  (+ bias[m])
     r[n]      = sum_k A[n, k] vin[k]      (accumulated in the K loop from the A tiles)
+    wsum[k]   = sum_n A[n, k] colw[n]     (optional, per row block: partial rows, see below)
+    csum[k]   = sum_n A[n, k]             (optional, likewise)
 
 Forward:  A = x [N, K],  B = W [M, K],          vin = a, vout = b, r = u = x.a,  bias.
-dx:       A = dy [N, M], B = W^T (swapped strides), vin = b, vout = a, r = v = dy.b.
+dx:       A = dy [N, M], B = W^T (swapped strides), vin = b, vout = a, r = v = dy.b,
+          colw = u: wsum = dy^T u (db before the scale), csum = dy^T 1 (dbias).
 
 ``B`` is addressed through strides only, so ``W`` is never transposed or copied. The row dot
-costs no extra memory traffic: it reuses the A tile already loaded for ``tl.dot``. Programs of
-the first column block store ``r`` (fp32) for the backward pass. Rank-1 terms are broadcast
-FMAs, never ``tl.dot`` (which needs every dimension >= 16 on real GPUs).
+and the column sums cost no extra memory traffic: they reuse the A tile already loaded for
+``tl.dot``. Programs of the first column block store ``r`` (fp32) for the backward pass, and
+(the only programs that see every column of A for their rows) one fp32 partial row of
+``wsum``/``csum`` per row block; the launcher sums the partial rows, so the result stays
+deterministic (no atomics). Rank-1 terms are broadcast FMAs, never ``tl.dot`` (which needs
+every dimension >= 16 on real GPUs).
 
 Tile configs are autotuned per architecture (``GEMM_CONFIGS``) with a grouped, L2-friendly
 program order as in Triton's matmul tutorial; under the interpreter there is a single small
@@ -64,8 +70,34 @@ def gemm_configs() -> list[triton.Config]:
     return GEMM_CONFIGS[90] if cap is not None and cap >= 90 else GEMM_CONFIGS[80]
 
 
-# stride_bk in the key: the forward (W row-major, stride 1) and dx (W^T, stride M) tune apart.
-@triton.autotune(configs=gemm_configs(), key=["M", "K", "N_BUCKET", "stride_bk"])
+# (BLOCK_N, BLOCK_M, BLOCK_K, num_warps) of the configs that spill registers once the column
+# sums are on (python -m xgblora_fast.inspect, bf16): 128x128 tiles on 4 warps already keep 128
+# fp32 accumulator registers per thread, and the column reductions push them past 255 (sm_90:
+# 84 B of spills, sm_80: 36 B). The 8-warp 128x128 (sm_90) and 128x256 tiles stay.
+COLSUM_SPILLING = {(128, 128, 64, 4), (128, 128, 32, 4)}
+
+
+def colsum_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The candidates of a launch with ``COL_WSUM``/``COL_SUM`` on: those that do not spill."""
+    return [
+        cfg
+        for cfg in configs
+        if (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.num_warps)
+        not in COLSUM_SPILLING
+    ]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return colsum_configs(configs) if kwargs["COL_WSUM"] or kwargs["COL_SUM"] else configs
+
+
+# stride_bk in the key: the forward (W row-major, stride 1) and dx (W^T, stride M) tune apart;
+# the column-sum flags too: they change the candidates and the cost of every config.
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M", "K", "N_BUCKET", "stride_bk", "COL_WSUM", "COL_SUM"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def rank1_gemm_kernel(
     a_ptr,
@@ -74,6 +106,9 @@ def rank1_gemm_kernel(
     vout_ptr,
     bias_ptr,
     rowdot_ptr,
+    colw_ptr,
+    wsum_ptr,
+    csum_ptr,
     out_ptr,
     scale,
     N,
@@ -90,6 +125,8 @@ def rank1_gemm_kernel(
     COMPUTE_ROWDOT: tl.constexpr,
     ROWDOT_GIVEN: tl.constexpr,
     ADD_RANK1: tl.constexpr,
+    COL_WSUM: tl.constexpr,
+    COL_SUM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -118,6 +155,8 @@ def rank1_gemm_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     rowdot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if COL_WSUM:
+        colw = tl.load(colw_ptr + rn, mask=mask_n, other=0.0)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         mask_k = rk < k_left
@@ -130,6 +169,16 @@ def rank1_gemm_kernel(
         if COMPUTE_ROWDOT:
             vin = tl.load(vin_ptr + k0 * BLOCK_K + rk, mask=mask_k, other=0.0).to(tl.float32)
             rowdot += tl.sum(a.to(tl.float32) * vin[None, :], axis=1)
+        if COL_WSUM or COL_SUM:  # noqa: SIM102 (a constexpr test and a runtime test)
+            # One column block is enough to see every column: the others skip the reductions.
+            if pid_m == 0:
+                # This chunk of the row block's partial row, [row_blocks, K] row-major.
+                part_ptrs = pid_n.to(tl.int64) * K + k0 * BLOCK_K + rk
+                if COL_WSUM:
+                    wsum = tl.sum(a.to(tl.float32) * colw[:, None], axis=0)
+                    tl.store(wsum_ptr + part_ptrs, wsum, mask=mask_k)
+                if COL_SUM:
+                    tl.store(csum_ptr + part_ptrs, tl.sum(a.to(tl.float32), axis=0), mask=mask_k)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -157,7 +206,9 @@ def rank1_gemm_triton(
     vin: torch.Tensor | None = None,
     vout: torch.Tensor | None = None,
     rowdot: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    colw: torch.Tensor | None = None,
+    with_colsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``out = inp @ b_matrix^T (+ s * r vout^T) (+ bias)``, with ``r = inp @ vin`` fused in.
 
     Args:
@@ -167,18 +218,27 @@ def rank1_gemm_triton(
         vin: ``[K]``: compute ``r = inp @ vin`` in the K loop and return it (fp32 ``[N]``).
         vout: ``[M]``: add ``s * r vout^T`` in the epilogue (needs ``vin`` or ``rowdot``).
         rowdot: ``[N]`` fp32 ``r`` computed elsewhere (the dropout path).
+        colw: ``[N]`` fp32: also return ``inp^T colw`` (fp32 ``[K]``), from the same A tiles.
+        with_colsum: also return the column sums ``inp^T 1`` (fp32 ``[K]``), likewise.
     Returns:
-        ``(out [N, M] in inp.dtype, r [N] fp32 or None when vin is None)``.
+        ``(out [N, M] in inp.dtype, r, inp^T colw, inp^T 1)``, each of the last three None
+        when not asked for.
     """
     N, K = inp.shape
     M = b_matrix.shape[0]
     # The kernel indexes the vectors with unit stride (matrices go by their strides).
-    vin, vout, bias, rowdot = (
-        None if v is None else v.contiguous() for v in (vin, vout, bias, rowdot)
+    vin, vout, bias, rowdot, colw = (
+        None if v is None else v.contiguous() for v in (vin, vout, bias, rowdot, colw)
     )
     out = torch.empty((N, M), device=inp.device, dtype=inp.dtype)
     computed = torch.empty(N, device=inp.device, dtype=torch.float32) if vin is not None else None
     rowdot_buf = computed if computed is not None else rowdot
+    # One partial row per row block of the config the autotuner picks, which is known only
+    # after the launch: room for the smallest BLOCK_N, and only the rows written are summed.
+    min_block_n = min(cfg.kwargs["BLOCK_N"] for cfg in rank1_gemm_kernel.configs)
+    partial_shape = (triton.cdiv(N, min_block_n), K)
+    wsum = inp.new_empty(partial_shape, dtype=torch.float32) if colw is not None else None
+    csum = inp.new_empty(partial_shape, dtype=torch.float32) if with_colsum else None
     dummy = out  # never read or written: the matching constexpr flag is off
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]),
@@ -190,6 +250,9 @@ def rank1_gemm_triton(
         vout if vout is not None else dummy,
         bias if bias is not None else dummy,
         rowdot_buf if rowdot_buf is not None else dummy,
+        colw if colw is not None else dummy,
+        wsum if wsum is not None else dummy,
+        csum if csum is not None else dummy,
         out,
         float(scale),
         N,
@@ -206,7 +269,17 @@ def rank1_gemm_triton(
         COMPUTE_ROWDOT=vin is not None,
         ROWDOT_GIVEN=vin is None and rowdot is not None,
         ADD_RANK1=vout is not None,
+        COL_WSUM=colw is not None,
+        COL_SUM=with_colsum,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(inp.dtype),
     )
-    return out, computed
+    # The config of this launch (set on every launch, tuned or cached; the only one under the
+    # interpreter). Rows past its row-block count are unwritten or hold autotuning runs' data.
+    written = triton.cdiv(N, rank1_gemm_kernel.best_config.kwargs["BLOCK_N"])
+    return (
+        out,
+        computed,
+        wsum[:written].sum(0) if wsum is not None else None,
+        csum[:written].sum(0) if csum is not None else None,
+    )

@@ -31,9 +31,10 @@ def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
     from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
 
     if x_adapter is None:
-        return rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
+        y, u, _, _ = rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
+        return y, u
     u = x_adapter.float() @ a.float()
-    y, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
+    y, _, _, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
     return y, u
 
 
@@ -43,10 +44,21 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
 
     dx = da = db = dbias = dx_adapter = None
     v = None
+    # Without dropout, the dx GEMM also folds db = s dy^T u and dbias = dy^T 1 into its pass
+    # over dy (which it reads anyway), instead of a second read of dy by weighted_colsum.
+    fused = need_dx and x_adapter is None
     if need_dx:
         # dx = dy @ W (+ s v a^T): the forward kernel over dy with W's strides swapped.
-        fused = x_adapter is None
-        dx, v = rank1_gemm_triton(dy, weight.t(), None, scale, vin=b, vout=a if fused else None)
+        dx, v, db, dbias = rank1_gemm_triton(
+            dy,
+            weight.t(),
+            None,
+            scale,
+            vin=b,
+            vout=a if fused else None,
+            colw=u if fused and need_dab else None,
+            with_colsum=fused and need_dbias,
+        )
         if not fused:
             dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
     if need_dab:
@@ -55,9 +67,10 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
         xa = x if x_adapter is None else x_adapter
         da, _ = weighted_colsum_triton(xa, v, with_colsum=False)
         da.mul_(scale)
-        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
+        if not fused:
+            db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
         db.mul_(scale)
-    elif need_dbias:
+    elif need_dbias and not fused:
         dbias = dy.float().sum(0)
     return dx, da, db, dbias, dx_adapter
 
