@@ -199,7 +199,9 @@ def test_gradient_selection_prefers_units_with_large_gradients_and_is_reproducib
     assert [h["active"] for h in again.history] == [h["active"] for h in booster.history]
 
 
-def test_default_config_is_unaffected_by_the_probes():
-    cfg = xf.XGBLoRAConfig(target_modules=["0", "2"], kappa=2, rounds=3)
+def test_the_literal_recipe_runs_no_probes():
+    cfg = xf.XGBLoRAConfig(
+        target_modules=["0", "2"], kappa=2, rounds=3, booster_init="random", select="uniform"
+    )
     booster = _train(cfg, 6)
     assert all(h["gradient_sigma"] == {} and h["unit_scores"] == {} for h in booster.history)

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from xgblora_fast.distributed import verify_replicas
+from xgblora_fast.distributed import agree_across_ranks, verify_replicas
 from xgblora_fast.gradient_probe import GradientProbe, top_singular_pair
-from xgblora_fast.layer import INITS, FastRank1Linear
+from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor
 from xgblora_fast.ops.checks import ROUNDINGS
 from xgblora_fast.patching import inject
 from xgblora_fast.records import MergeRecord
@@ -69,15 +69,16 @@ class XGBLoRAConfig:
         rounding: merge rounding, ``"nearest"`` or ``"stochastic"`` (fp32 weights: always exact
             nearest).
         init: distribution of the random ``a``, ``"kaiming"`` (uniform) or ``"gaussian"``.
-        booster_init: ``"random"`` (``a`` as drawn, ``b = 0``) or ``"gradient"``: in each
-            round's first step, ``a`` becomes the top right singular vector of the layer's
-            weight gradient ``G = dy^T x`` (same norm as the random draw; ``power_iters`` power
-            iterations over the step's activations), so the booster starts along the best
-            rank-1 descent direction. Needs ``attach(optimizer)`` (it acts just before
-            ``optimizer.step()``).
-        select: ``"uniform"`` (each round samples its units uniformly) or ``"gradient"``
-            (probability proportional to the unit's weight-gradient norm, estimated in the
-            previous round's last step from a 4-direction sketch; round 0 is uniform).
+        booster_init: ``"gradient"`` (default) or ``"random"`` (``a`` as drawn, ``b = 0``: the
+            paper's recipe). ``"gradient"``: in each round's first step ``a`` becomes the top
+            right singular vector of the layer's weight gradient ``G = dy^T x`` (same norm as
+            the random draw; ``power_iters`` power iterations over the step's activations), so
+            the booster starts along the best rank-1 descent direction. Needs
+            ``attach(optimizer)`` (it acts just before ``optimizer.step()``).
+        select: ``"gradient"`` (default: probability proportional to the unit's weight-gradient
+            norm, estimated in the previous round's last step from a 4-direction sketch; round
+            0 is uniform) or ``"uniform"`` (the paper's recipe). The defaults are the measured
+            best on the demo task (``bench/results/schedule.md``, ``accuracy.md``).
         power_iters: power iterations of ``booster_init="gradient"``.
         weight_decay: on the boosters (the practical form of the paper's norm penalty).
         rewarm_steps: after each merge, ramp the boosters' learning rate linearly over this many
@@ -102,8 +103,8 @@ class XGBLoRAConfig:
     merge_step: float = 1.0
     rounding: str = "stochastic"
     init: str = "kaiming"
-    booster_init: str = "random"
-    select: str = "uniform"
+    booster_init: str = "gradient"
+    select: str = "gradient"
     power_iters: int = 4
     weight_decay: float = 1e-4
     rewarm_steps: int = 0
@@ -353,9 +354,16 @@ class Booster:
         ``db = s G a = s sigma1 |a| u1``: the step the optimizer is about to take is exact.
         """
         probe = self._init_probe
+        # The power iterations all-reduce per active layer: ranks must agree on the layers first.
+        agree_across_ranks(self.active, f"the active layers of round {self.round}")
         for name in self.active:
             layer = self.layers[name]
             a = layer.lora_a
+            if is_dtensor(a):
+                raise NotImplementedError(
+                    "booster_init='gradient' does not support sharded (FSDP2) boosters yet; use "
+                    "XGBLoRAConfig(booster_init='random')"
+                )
             norm = float(a.float().norm())
             sigma, u, v = top_singular_pair(
                 probe.gradient(name, layer.backend), a, self.config.power_iters
@@ -486,6 +494,7 @@ class Booster:
             "touched": sorted(self._touched),
             "lr_envelope": {str(k): v for k, v in self._lr_envelope.items()},
             "lr_written": {str(k): v for k, v in self._lr_written.items()},
+            "round_sigma": dict(self._round_sigma),
             "generator": self.generator.get_state(),
             "records": {n: r.state_dict() for n, r in self.records.items() if r.rounds},
         }
@@ -516,6 +525,7 @@ class Booster:
         self._touched = set(state["touched"])
         self._lr_envelope = {int(k): v for k, v in state["lr_envelope"].items()}
         self._lr_written = {int(k): v for k, v in state["lr_written"].items()}
+        self._round_sigma = dict(state["round_sigma"])
         self.generator.set_state(state["generator"])
         self.active = list(state["active"])
         active = set(self.active)

@@ -13,6 +13,7 @@ result does not depend on reduction order or device) and one all-gather of ``4 *
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -75,6 +76,30 @@ def _groups(values: Iterable[tuple[int, tuple[int, ...]]]) -> list[list[int]]:
     for rank, value in values:
         by_value.setdefault(value, []).append(rank)
     return sorted(by_value.values(), key=lambda ranks: (-len(ranks), ranks))
+
+
+def agree_across_ranks(values: list[str], what: str, group: Any = None) -> None:
+    """Raise RuntimeError on every rank unless all ranks pass the same ``values``.
+
+    One all-gather of a fixed-size digest, so it is safe to call before collectives whose sizes
+    depend on ``values`` (a rank that disagrees would otherwise hang or abort inside them).
+    No-op without an initialised process group or with one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    digest = hashlib.sha256("\0".join(values).encode()).digest()[:8]
+    local = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        local = local.cuda()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group)
+    groups = _groups((i, (int(g),)) for i, g in enumerate(gathered))
+    if len(groups) > 1:
+        split = " vs ".join(str(g) for g in groups)
+        raise RuntimeError(
+            f"ranks disagree on {what}: ranks split into {split}. Every data-parallel rank must "
+            "use the same model and config (seed included)"
+        )
 
 
 def verify_replicas(source: Any, group: Any = None, where: str = "") -> None:

@@ -15,7 +15,8 @@ from xgblora_fast.ops.rank1_linear import rank1_linear
 INITS = ("kaiming", "gaussian")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters)."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -30,7 +31,7 @@ def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     keeps parameters: torch.chunk-style blocks, the last ones shorter or empty when the rows do
     not divide evenly. The local tensor aliases the shard, so writing it updates the parameter.
     """
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t, 0
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -212,14 +213,14 @@ class FastRank1Linear(nn.Module):
         there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
         """
         scale = step_size * self.alpha
-        if _is_dtensor(self.weight):
+        if is_dtensor(self.weight):
             if rounding == "kahan":
                 raise NotImplementedError(
                     "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
                     "sharded with it; use 'stochastic' or 'nearest'"
                 )
             weight, start = _local_rows(self.weight)
-            a, b = (p.full_tensor() if _is_dtensor(p) else p for p in (self.lora_a, self.lora_b))
+            a, b = (p.full_tensor() if is_dtensor(p) else p for p in (self.lora_a, self.lora_b))
             b = b[start : start + weight.shape[0]]
         else:
             weight, start, a, b = self.weight, 0, self.lora_a, self.lora_b
@@ -237,7 +238,7 @@ class FastRank1Linear(nn.Module):
         rounding dropped too (a Kahan merge of copies). Not for FSDP2-sharded weights: merge in
         place and gather ``weight.full_tensor()`` instead.
         """
-        if _is_dtensor(self.weight):
+        if is_dtensor(self.weight):
             raise NotImplementedError(
                 "merged_weight()/to_linear() build the whole W: on an FSDP2-sharded layer call "
                 "merge_() and gather weight.full_tensor()"
