@@ -241,6 +241,7 @@ def test_microbench_tiny_run(tmp_path):
     assert merge_names == {
         mb.PROVIDER_COPY,
         mb.provider_fused("torch"),
+        mb.provider_bound_kept("torch"),
         mb.PROVIDER_PEFT_R1,
         mb.PROVIDER_UNFUSED,
         mb.PROVIDER_NAIVE,
@@ -301,6 +302,34 @@ def test_goals_on_synthetic_rows():
     assert [held for _, _, held in goals] == [False, True, True]
     assert "worst 1.500 at 64x64 N=1" in goals[0][1]
     assert mb.evaluate_goals(rows, {"device": "cpu"}, None)[2][2] is None
+
+
+def test_gpu_merge_goal_is_held_against_the_steady_state_merge():
+    """Training merges keep the bound on max|W| (no safety pass): the goal reads that provider."""
+    fused = mb.provider_fused("triton")
+    shape = {"M": 64, "K": 64, "N": 0, "dtype": "bf16", "ratio_to_floor": 1.0}
+    rows = [
+        {"operation": "merge", "provider": fused, "gbps": 2000.0, **shape},
+        {"operation": "merge", "provider": mb.provider_bound_kept("triton"), **shape}
+        | {"gbps": 2700.0},
+    ]
+    rows += [
+        {"operation": "forward+backward", "provider": p, **shape, "N": 4096}
+        for p in (mb.PROVIDER_FLOOR, fused, mb.PROVIDER_PEFT_R1)
+    ]
+    meta = {"device": "cuda", "ceilings": {"copy_gbps": 3000.0}}
+    merge_goal = mb.evaluate_goals(rows, meta, None)[-1]
+    assert "W bound kept" in merge_goal[0] and merge_goal[2] is True
+    assert "worst 0.900" in merge_goal[1]
+    rows[1]["gbps"] = 2400.0
+    assert mb.evaluate_goals(rows, meta, None)[-1][2] is False
+
+
+def test_bound_kept_merge_matches_the_reference():
+    problem = mb.make_problem(24, 40, "fp32", "cpu", seed=5)
+    provider = mb.bound_kept_provider(problem, "torch")
+    for _ in range(2):  # the second merge runs on the bound the first returned
+        assert mb.check_merge(provider, problem) < 1e-6
 
 
 # ------------------------------------------------------------------------------------ scripts

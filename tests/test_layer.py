@@ -476,3 +476,77 @@ def test_kahan_buffer_is_lazy_persistent_and_stays_out_of_plain_layers():
     assert torch.equal(fresh.compensation, buffer)
     fresh.load_state_dict(xf.FastRank1Linear(K, M, dtype=dtype).state_dict())
     assert fresh.compensation is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the bound on max|W| kept between merges
+# ------------------------------------------------------------------------------------------------
+
+
+def count_weight_reads(monkeypatch, layer: xf.FastRank1Linear) -> list:
+    from xgblora_fast.ops import checks
+
+    reads = []
+    real = checks.abs_max
+
+    def counting(t):
+        if t.shape == layer.weight.shape:
+            reads.append(1)
+        return real(t)
+
+    monkeypatch.setattr(checks, "abs_max", counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_later_merges_skip_the_pass_over_w_until_something_else_writes_it(backend, monkeypatch):
+    torch.manual_seed(12)
+    layer = xf.FastRank1Linear(K, M, backend=backend)
+    reads = count_weight_reads(monkeypatch, layer)
+    for _ in range(3):
+        random_adapter(layer)
+        layer.merge_()
+    assert len(reads) == 1  # only the first merge read W
+    assert layer._known_weight_bound() >= layer.weight.abs().max().item()
+    with torch.no_grad():  # a write that is not a merge (an optimizer, copy_, load_state_dict)
+        layer.weight.mul_(1.5)
+    random_adapter(layer)
+    layer.merge_()
+    assert len(reads) == 2
+    assert layer._known_weight_bound() >= layer.weight.abs().max().item()
+    layer.load_state_dict(layer.state_dict())
+    random_adapter(layer)
+    layer.merge_()
+    assert len(reads) == 3
+
+
+def test_nan_written_into_w_between_merges_is_still_refused():
+    torch.manual_seed(13)
+    layer = xf.FastRank1Linear(K, M)
+    random_adapter(layer)
+    layer.merge_()
+    with torch.no_grad():
+        layer.weight[3, 4] = float("nan")
+    random_adapter(layer)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="weight already contains NaN"):
+        layer.merge_()
+    assert torch.equal(layer.weight.isnan(), before.isnan())
+    torch.testing.assert_close(layer.weight, before, equal_nan=True, rtol=0, atol=0)
+
+
+def test_writes_through_data_need_forget_weight_bound():
+    """``weight.data`` writes bypass the version counter: the documented escape hatch works."""
+    torch.manual_seed(14)
+    layer = xf.FastRank1Linear(K, M, dtype=torch.float16)
+    random_adapter(layer)
+    layer.merge_()
+    layer.weight.data[0, 0] = 65000.0
+    with torch.no_grad():
+        layer.lora_a.fill_(10.0)
+        layer.lora_b.fill_(100.0)
+    layer.forget_weight_bound()
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="would overflow"):
+        layer.merge_()
+    assert torch.equal(layer.weight, before)

@@ -236,6 +236,12 @@ class Booster:
             if not hasattr(layer, "merge_record"):
                 layer.merge_record = MergeRecord.for_layer(layer)
         self.records: dict[str, MergeRecord] = {n: m.merge_record for n, m in layers.items()}
+        # |W|_F when the booster was built: the history's relative update sizes divide by it, so
+        # a round end reads no W beyond what its merges do.
+        self._base_norms = {
+            n: float(torch.linalg.vector_norm(m.weight.detach(), dtype=torch.float32))
+            for n, m in layers.items()
+        }
         for layer in layers.values():
             layer.init = cfg.init
             layer.reset_(self.generator)
@@ -414,7 +420,7 @@ class Booster:
             layer = self.layers[name]
             scale = cfg.merge_step * layer.alpha
             norm = abs(scale) * float(layer.lora_a.norm()) * float(layer.lora_b.norm())
-            w_norm = float(torch.linalg.vector_norm(layer.weight, dtype=torch.float32))
+            w_norm = self._base_norms[name]
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
             seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
@@ -498,6 +504,7 @@ class Booster:
             "lr_envelope": {str(k): v for k, v in self._lr_envelope.items()},
             "lr_written": {str(k): v for k, v in self._lr_written.items()},
             "round_sigma": dict(self._round_sigma),
+            "base_norms": dict(self._base_norms),
             "generator": self.generator.get_state(),
             "records": {n: r.state_dict() for n, r in self.records.items() if r.rounds},
         }
@@ -506,7 +513,8 @@ class Booster:
         """Raise ``ValueError`` unless ``state`` fits this booster (changes nothing)."""
         if state["config"] != self.config.to_dict():
             raise ValueError("booster state was saved with a different XGBLoRAConfig")
-        missing = [n for n in [*state["active"], *state["records"]] if n not in self.layers]
+        named = [*state["active"], *state["records"], *state.get("base_norms", {})]
+        missing = [n for n in named if n not in self.layers]
         if missing:
             raise ValueError(f"booster state names layers this model lacks: {missing[:4]}")
         for name, record in state["records"].items():
@@ -529,6 +537,7 @@ class Booster:
         self._lr_envelope = {int(k): v for k, v in state["lr_envelope"].items()}
         self._lr_written = {int(k): v for k, v in state["lr_written"].items()}
         self._round_sigma = dict(state["round_sigma"])
+        self._base_norms.update(state.get("base_norms", {}))  # older checkpoints lack them
         self.generator.set_state(state["generator"])
         self.active = list(state["active"])
         active = set(self.active)

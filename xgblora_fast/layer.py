@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xgblora_fast.ops.checks import check_backend, check_scale
-from xgblora_fast.ops.merge import merge_
+from xgblora_fast.ops.merge import merge_, merge_with_bound_
 from xgblora_fast.ops.rank1_linear import rank1_linear
 
 INITS = ("kaiming", "gaussian")
@@ -135,6 +135,9 @@ class FastRank1Linear(nn.Module):
         self.active = True
         # W-sized: allocated by the first Kahan merge only (see merge_).
         self.register_buffer("compensation", None)
+        # (weight._version, weight.data_ptr(), bound >= max|W|) after this layer's last merge:
+        # while W is unwritten since, the next merge's safety check needs no pass over W.
+        self._weight_bound: tuple[int, int, float] | None = None
         self.reset_()
 
     @classmethod
@@ -227,8 +230,40 @@ class FastRank1Linear(nn.Module):
         if rounding == "kahan" and self.compensation is None:
             self.compensation = torch.zeros_like(self.weight)
         compensation = self.compensation if rounding == "kahan" else None
-        merge_(weight, a, b, scale, rounding, seed, self.backend, compensation, row_offset=start)
+        bound = merge_with_bound_(
+            weight,
+            a,
+            b,
+            scale,
+            rounding,
+            seed,
+            self.backend,
+            compensation,
+            start,
+            self._known_weight_bound(),
+        )
+        # Every write to W outside merges (optimizer, load_state_dict, copy_) bumps its version
+        # counter and so drops the bound; writes through ``weight.data`` do not: call
+        # ``forget_weight_bound()`` after those. Shards (FSDP2) always check in full.
+        tracked = bound is not None and not is_dtensor(self.weight)
+        self._weight_bound = (
+            (self.weight._version, self.weight.data_ptr(), bound) if tracked else None
+        )
         self.reset_(generator)
+
+    def _known_weight_bound(self) -> float | None:
+        """The bound on ``max |W|`` left by the last merge, if ``W`` is unwritten since."""
+        known = self._weight_bound
+        if known is None or is_dtensor(self.weight):
+            return None
+        version, ptr, bound = known
+        if (version, ptr) != (self.weight._version, self.weight.data_ptr()):
+            return None
+        return bound
+
+    def forget_weight_bound(self) -> None:
+        """Make the next merge check ``W`` in full (after writing it through ``weight.data``)."""
+        self._weight_bound = None
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """merge_: in-place W += s b a^T, nearest and stochastic rounding, bit-identical across backends."""
 
+import math
+
 import pytest
 import torch
 import triton.language as tl
@@ -7,6 +9,7 @@ from kernel_checks import bits_of, compensation_like, hash_and_round_kernel
 
 import xgblora_fast as xf
 from xgblora_fast.ops import reference
+from xgblora_fast.ops.merge import merge_with_bound_
 
 BACKENDS = ["torch", "triton"]
 LOW = [torch.float16, torch.bfloat16]
@@ -282,3 +285,82 @@ def test_bad_compensation_buffers_are_refused_before_any_write(rounding, buffer,
     with pytest.raises(error, match=message):
         xf.merge_(weight, a, b, 1.0, rounding, compensation=compensation)
     assert torch.equal(bits_of(weight), bits_of(before))
+
+
+# ---- the bound on max|W| that spares repeated merges their pass over W -------------------------
+
+
+def weight_reads(monkeypatch, weight):
+    """A list that grows by one each time the merge's safety check reduces over ``weight``."""
+    from xgblora_fast.ops import checks
+
+    reads = []
+    real = checks.abs_max
+
+    def counting(t):
+        if t.shape == weight.shape:
+            reads.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(checks, "abs_max", counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bound_holds_and_spares_the_pass_over_w_without_changing_the_bits(
+    backend, dtype, monkeypatch
+):
+    weight, a, b = make(23, 41, dtype, seed=11, update=0.3)
+    twin = weight.clone()
+    reads = weight_reads(monkeypatch, weight)
+    bound = merge_with_bound_(weight, a, b, 0.5, backend=backend)
+    assert reads == [weight.shape]  # no bound given: one pass over W
+    for step in range(3):
+        _, a, b = make(23, 41, dtype, seed=20 + step, update=0.3)
+        bound = merge_with_bound_(weight, a, b, 0.5, backend=backend, weight_abs_max=bound)
+        assert bound >= weight.double().abs().max().item()
+    assert len(reads) == 1  # the bound proved every later merge safe: W was not read again
+    # Same bits as merges that checked W in full.
+    xf.merge_(twin, *make(23, 41, dtype, seed=11, update=0.3)[1:], 0.5, backend=backend)
+    for step in range(3):
+        _, a, b = make(23, 41, dtype, seed=20 + step, update=0.3)
+        xf.merge_(twin, a, b, 0.5, backend=backend)
+    assert torch.equal(bits_of(weight), bits_of(twin))
+    assert len(reads) == 5
+
+
+def test_a_bound_that_cannot_prove_safety_falls_back_to_the_full_check(monkeypatch):
+    """fp16: a bound near the top of the range does not prove the merge safe, so W is read:
+    the exact check then applies a merge that stays finite and refuses one that overflows."""
+    weight = torch.zeros(4, 4, dtype=torch.float16)
+    weight[0, 0] = 60000.0
+    a = torch.tensor([0.0, 100.0, 100.0, 100.0])
+    b = torch.full((4,), 100.0)
+    reads = weight_reads(monkeypatch, weight)
+    merge_with_bound_(weight, a, b, 1.0, weight_abs_max=60000.0)
+    assert len(reads) == 1 and weight[0, 1].item() == 10000.0
+    a[0] = 100.0  # now the update meets the 60000
+    before = weight.clone()
+    with pytest.raises(ValueError, match="would overflow"):
+        merge_with_bound_(weight, a, b, 1.0, weight_abs_max=60000.0)
+    assert torch.equal(bits_of(weight), bits_of(before))
+
+
+@pytest.mark.parametrize(
+    ("hint", "error"),
+    [
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-1.0, ValueError),
+        (torch.tensor(1.0), TypeError),
+        (True, TypeError),
+    ],
+    ids=["nan", "inf", "negative", "tensor", "bool"],
+)
+def test_bad_bounds_are_refused_before_any_write(hint, error):
+    weight, a, b = make(5, 6, torch.float32, seed=3)
+    before = weight.clone()
+    with pytest.raises(error, match="weight_abs_max"):
+        xf.merge_(weight, a, b, 1.0, weight_abs_max=hint)
+    assert torch.equal(weight, before)

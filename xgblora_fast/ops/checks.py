@@ -168,8 +168,14 @@ def check_merge_args(
     rounding: object,
     compensation: torch.Tensor | None = None,
     row_offset: object = 0,
-) -> float:
-    """Validate ``merge_`` inputs, values included; return the scale as a float.
+    weight_abs_max: object = None,
+) -> tuple[float, float | None]:
+    """Validate ``merge_`` inputs, values included; return ``(scale, bound)``.
+
+    ``scale`` is the scale as a float; ``bound`` is an upper bound on ``max |W|`` after the merge
+    (``max |W| + |s| max|b| max|a| (+ max|C|)``; None when a zero update left ``W`` unread), for
+    the caller to pass back as ``weight_abs_max`` at its next merge of the same, otherwise
+    unwritten, ``W``.
 
     ``row_offset`` (W's first global row) must be an int >= 0 with every global element index
     ``(row_offset + i) * K + j`` inside int64, the kernels' index type.
@@ -178,6 +184,8 @@ def check_merge_args(
     for ``rounding="kahan"``) would be NaN/Inf, or would push ``weight`` past its dtype's largest
     finite value. Costs one reduction pass over ``W`` (``max |W|``), and one over the
     compensation buffer; the exact element-wise check runs only when that bound is not enough.
+    ``weight_abs_max``, a finite float the caller guarantees to be ``>= max |W|`` (so ``W`` holds
+    no NaN/Inf), replaces the pass over ``W`` whenever it proves the merge safe.
     """
     for name, t in (("weight", weight), ("a", a), ("b", b)):
         _check_tensor(name, t)
@@ -201,8 +209,16 @@ def check_merge_args(
     if (row_offset + M) * K > 2**63 - 1:
         raise ValueError(f"row_offset={row_offset}: global element indices overflow int64")
     s = check_scale(scale)
+    if weight_abs_max is not None:
+        if not isinstance(weight_abs_max, (int, float)) or isinstance(weight_abs_max, bool):
+            raise TypeError(
+                f"weight_abs_max must be a float or None, got {type(weight_abs_max).__name__}"
+            )
+        if not 0 <= weight_abs_max < math.inf:
+            raise ValueError(f"weight_abs_max must be finite and >= 0, got {weight_abs_max}")
+        hint = float(weight_abs_max)
     if weight.numel() == 0:
-        return s
+        return s, 0.0
     if weight.device.type == "meta":
         raise ValueError("merge_ needs real tensors, got meta tensors (it reads a, b and W)")
     if torch._debug_has_internal_overlap(weight) == 1:
@@ -224,19 +240,24 @@ def check_merge_args(
         if not math.isfinite(c_max):
             raise ValueError(f"merge refused: compensation contains NaN/Inf; {kept}")
         bound += c_max
+    limit = torch.finfo(weight.dtype).max
+    if weight_abs_max is not None and hint + bound <= limit:
+        return s, hint + bound  # the caller's bound proves it: no pass over W
     if bound == 0.0:
-        return s
+        return s, (None if weight_abs_max is None else hint)  # W unread: no bound known
     # One reduction pass over W (no temporary): |W + s b a^T + C| <= |W|max + bound.
     w_max = abs_max(weight)
     if not math.isfinite(w_max):
         raise ValueError(f"merge refused: weight already contains NaN/Inf; {kept}")
-    limit = torch.finfo(weight.dtype).max
-    if w_max + bound > limit and _merged_abs_max(weight, a, b, s, compensation) > limit:
-        raise ValueError(
-            f"merge refused: W + s b a^T would overflow {weight.dtype} (largest finite "
-            f"{limit:.4g}); {kept}"
-        )
-    return s
+    if w_max + bound > limit:
+        exact = _merged_abs_max(weight, a, b, s, compensation)
+        if exact > limit:
+            raise ValueError(
+                f"merge refused: W + s b a^T would overflow {weight.dtype} (largest finite "
+                f"{limit:.4g}); {kept}"
+            )
+        return s, exact
+    return s, w_max + bound
 
 
 def _merged_abs_max(

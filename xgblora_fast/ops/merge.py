@@ -76,6 +76,7 @@ def merge_(
     backend: str = "auto",
     compensation: torch.Tensor | None = None,
     row_offset: int = 0,
+    weight_abs_max: float | None = None,
 ) -> torch.Tensor:
     """Merge a rank-1 update into ``weight`` in place: ``weight += scale * outer(b, a)``.
 
@@ -97,13 +98,41 @@ def merge_(
             its ``b[r0:r1]`` and ``row_offset=r0`` (and, for Kahan, its rows of the buffer) writes
             the bits of the whole-matrix merge. ``K`` stays ``weight``'s row length: the blocks
             must be whole rows. Nearest and Kahan do not depend on it.
+        weight_abs_max: a finite float ``>= max |W|`` that the caller guarantees (e.g. the bound
+            ``merge_with_bound_`` returned for this ``W``, unwritten since), or None. When it
+            proves the merge cannot overflow, the safety check skips its pass over ``W``: the
+            merge then reads and writes ``W`` once, a copy's traffic.
     Returns:
         ``weight`` (same object).
     Raises:
         ValueError/TypeError before anything is written, for bad shapes, dtypes or devices, or
         an update that contains NaN/Inf or would overflow ``weight``'s dtype.
     """
-    scale = check_merge_args(weight, a, b, scale, rounding, compensation, row_offset)
+    merge_with_bound_(
+        weight, a, b, scale, rounding, seed, backend, compensation, row_offset, weight_abs_max
+    )
+    return weight
+
+
+def merge_with_bound_(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    backend: str = "auto",
+    compensation: torch.Tensor | None = None,
+    row_offset: int = 0,
+    weight_abs_max: float | None = None,
+) -> float | None:
+    """``merge_`` that returns an upper bound on ``max |W|`` after the merge (a float), or None
+    when a zero update left ``W`` unread. Passed back as ``weight_abs_max`` at the next merge of
+    the same ``W`` (nothing else having written it), it spares that merge its pass over ``W``:
+    ``FastRank1Linear`` keeps it, keyed by the weight's version counter."""
+    scale, bound = check_merge_args(
+        weight, a, b, scale, rounding, compensation, row_offset, weight_abs_max
+    )
     check_backend(backend)
     resolve_backend(backend, weight.device)
     stochastic = rounding == "stochastic"
@@ -114,4 +143,4 @@ def merge_(
         merge_op(
             weight, a.detach(), b.detach(), scale, rounding, seed, backend, compensation, row_offset
         )
-    return weight
+    return bound
