@@ -25,6 +25,7 @@ LAYER_PROVIDERS = [
 MERGE_PROVIDERS = [
     mb.PROVIDER_COPY,
     mb.provider_fused("torch"),
+    mb.provider_bound_kept("torch"),
     mb.PROVIDER_PEFT_R1,
     mb.PROVIDER_UNFUSED,
     mb.PROVIDER_NAIVE,
@@ -37,7 +38,7 @@ def case(request):
     m, k, n = request.param
     problem = mb.make_problem(m, k, "fp32", "cpu")
     providers = mb.build_providers(problem, "cpu")
-    providers += [p for p in mb.merge_providers(problem, providers) if p.module is None]
+    providers += [p for p in mb.merge_providers(problem, providers, "cpu") if p.module is None]
     inputs = mb.make_inputs(problem, n, mb.rotation_count(problem, n))
     return problem, providers, inputs
 

@@ -76,7 +76,13 @@ import xgblora_fast as xf
 from xgblora_fast import roofline
 from xgblora_fast.ops.checks import abs_max
 from xgblora_fast.ops.merge import merge_with_bound_
-from xgblora_fast.roofline import PROVIDER_COPY, PROVIDER_FLOOR, PROVIDER_PEFT_R1, provider_fused
+from xgblora_fast.roofline import (
+    PROVIDER_COPY,
+    PROVIDER_FLOOR,
+    PROVIDER_PEFT_R1,
+    provider_bound_kept,
+    provider_fused,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_OPS = ("forward", "backward", "forward+backward")
@@ -301,11 +307,6 @@ def fused_provider(problem: Problem, backend: str) -> Provider:
         xf.merge_(layer.weight, layer.lora_a, layer.lora_b, SCALE, backend=backend)
 
     return Provider(provider_fused(backend), layer, (layer.lora_a, layer.lora_b), 1, merge)
-
-
-def provider_bound_kept(backend: str) -> str:
-    """The name of the merge a booster runs in training: the bound on max|W| kept between merges."""
-    return f"{provider_fused(backend)}, W bound kept"
 
 
 def bound_kept_provider(problem: Problem, backend: str) -> Provider:
@@ -704,12 +705,14 @@ def _index(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return {(r["operation"], r["provider"], r["M"], r["K"], r["N"], r["dtype"]): r for r in rows}
 
 
+def _fused_backend(rows: list[dict[str, Any]]) -> str:
+    """The backend the goals are held against: Triton on CUDA, else torch."""
+    return "triton" if provider_fused("triton") in {r["provider"] for r in rows} else "torch"
+
+
 def _fused_name(rows: list[dict[str, Any]]) -> str:
-    """The fused provider the goals are held against: Triton on CUDA, else torch."""
-    names = {r["provider"] for r in rows}
-    return (
-        provider_fused("triton") if provider_fused("triton") in names else provider_fused("torch")
-    )
+    """The fused provider the goals are held against."""
+    return provider_fused(_fused_backend(rows))
 
 
 def evaluate_goals(
@@ -772,7 +775,7 @@ def evaluate_goals(
         )
         copy_gbps = meta["ceilings"]["copy_gbps"]
         # The merge a booster runs in training: from its second merge on, the bound is kept.
-        kept = f"{fused}, W bound kept"
+        kept = provider_bound_kept(_fused_backend(rows))
         merges = [r for r in rows if r["operation"] == "merge" and r["provider"] == kept]
         shares = [(r["gbps"] / copy_gbps, (r["M"], r["K"], 0, r["dtype"])) for r in merges]
         goals.append(
@@ -836,7 +839,8 @@ def _merge_table(rows: list[dict[str, Any]], copy_gbps: float) -> list[str]:
         {(r["M"], r["K"], r["dtype"]) for r in merges}, key=lambda c: (c[2], c[0] * c[1])
     )
     fused = _fused_name(rows)
-    ours = [p for p in (fused, f"{fused}, W bound kept") if p in providers]
+    kept = provider_bound_kept(_fused_backend(rows))
+    ours = [p for p in (fused, kept) if p in providers]
     head = ["M x K", "dtype", *providers, *(f"{p} GB/s (% of copy ceiling)" for p in ours)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, k, dtype in cases:

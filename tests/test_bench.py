@@ -356,4 +356,4 @@ def test_pytest_benchmark_file_runs():
     cmd += ["--benchmark-disable", "-q", "-p", "no:cacheprovider", "-k", "768x768-N1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "20 passed" in proc.stdout
+    assert "21 passed" in proc.stdout
