@@ -58,6 +58,8 @@ def test_config_validation():
         xf.XGBLoRAConfig(layers_per_round=0)
     with pytest.raises(ValueError, match="rounding"):
         xf.XGBLoRAConfig(rounding="up")
+    with pytest.raises(ValueError, match="optimizer_reset"):
+        xf.XGBLoRAConfig(optimizer_reset="half")
     with pytest.raises(ValueError, match="not both"):
         xf.XGBLoRAConfig(rounds=3, total_steps=30)
     cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, layers_per_round=2)
@@ -119,6 +121,33 @@ def test_rounds_merge_active_layers_only_and_reset_everything():
     train(model, booster, optimizer, 1, start=3)
     for name in booster.active:
         assert optimizer.state[booster.layers[name].lora_b]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.SGD])
+@pytest.mark.parametrize("reset", ["momentum", "none"])
+def test_optimizer_reset_keeps_what_it_says(reset, optimizer_class):
+    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=4, optimizer_reset=reset, seed=2)
+    model = mlp()
+    booster = xf.Booster(model, cfg)
+    kw = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
+    optimizer = optimizer_class(booster.param_groups(), lr=1e-2, **kw)
+    booster.attach(optimizer)
+    train(model, booster, optimizer, 1)
+    x, y = batch(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    params = booster.parameters()
+    before = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+    assert booster.step() is True  # the merge
+    for p, old in zip(params, before, strict=True):
+        state = optimizer.state[p]
+        assert state.keys() == old.keys() and state  # nothing dropped
+        for key, value in state.items():
+            if reset == "momentum" and key in ("exp_avg", "momentum_buffer"):
+                assert torch.count_nonzero(value) == 0 and torch.count_nonzero(old[key]) > 0
+            else:  # second moment, step count (or everything) as the optimizer left them
+                assert torch.equal(value, old[key]), key
 
 
 def test_history_records_what_reviewers_asked_for():

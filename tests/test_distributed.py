@@ -207,8 +207,11 @@ def _fsdp_model() -> nn.Module:
     ).to(torch.bfloat16)
 
 
-def _boost(shard: bool) -> dict[str, list]:
-    """``FSDP_ROUNDS`` rounds of stochastic merges; the full weights' bits per layer."""
+def _boost(shard: bool, guided: bool = False) -> dict[str, list]:
+    """``FSDP_ROUNDS`` rounds of stochastic merges; the full weights' bits per layer.
+
+    ``guided``: gradient-aligned boosters and gradient-norm selection (the defaults), else the
+    paper's random init and uniform selection."""
     model = _fsdp_model()
     # verify_replicas compares replicated weights: sharded ones are refused.
     cfg = xf.XGBLoRAConfig(
@@ -217,8 +220,8 @@ def _boost(shard: bool) -> dict[str, list]:
         rounding="stochastic",
         seed=11,
         verify_replicas=False,
-        booster_init="random",  # the gradient init refuses sharded boosters (not supported yet)
-        select="uniform",
+        booster_init="gradient" if guided else "random",
+        select="gradient" if guided else "uniform",
     )
     booster = xf.Booster(model, cfg)
     if shard:
@@ -274,6 +277,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
     result: dict = {"rank": rank}
     try:
         result["weights"] = _boost(shard=True)
+        result["weights_guided"] = _boost(shard=True, guided=True)
         result["refused"] = _refusals(init_device_mesh("cpu", (world,)))
     except BaseException as e:  # pytest.raises fails with an Exception subclass too
         result["error"] = f"{type(e).__name__}: {e}"
@@ -285,14 +289,19 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
 @pytest.mark.slow
 def test_fsdp2_boosting_gathers_the_single_process_weights_bit_for_bit(tmp_path):
     """Booster rounds of stochastic merges on ``fully_shard``-ed layers (uneven row shards, one
-    empty) gather to the weights of the same run in one process; Kahan, merged_weight and
-    to_linear on sharded layers, and merges of replicated DTensors, are refused clearly."""
+    empty) gather to the weights of the same run in one process, with random boosters and with
+    gradient-aligned ones (each rank writes its rows of ``a`` and of the gradients); Kahan,
+    merged_weight and to_linear on sharded layers, and merges of replicated DTensors, are refused
+    clearly."""
     results = _spawn(tmp_path, 2, "fsdp", worker=_fsdp_worker)
     single = _boost(shard=False)
+    single_guided = _boost(shard=False, guided=True)
     assert single["0"] != bits_of(_fsdp_model()[0].weight).tolist()  # merged
+    assert single_guided != single  # the gradient init and selection change the run
     for r in results:
         assert "error" not in r, r
         assert r["weights"] == single
+        assert r["weights_guided"] == single_guided
         refused = r["refused"]
         assert "FSDP2-sharded weight" in refused["kahan"]
         assert "full_tensor()" in refused["merged_weight"]

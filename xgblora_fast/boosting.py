@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from xgblora_fast.distributed import agree_across_ranks, verify_replicas
 from xgblora_fast.gradient_probe import GradientProbe, top_singular_pair
-from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor
+from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor, local_rows
 from xgblora_fast.ops.checks import ROUNDINGS
 from xgblora_fast.patching import inject
 from xgblora_fast.records import MergeRecord
@@ -47,6 +47,10 @@ from xgblora_fast.records import MergeRecord
 SAMPLE_BY = ("block", "module")
 BOOSTER_INITS = ("random", "gradient")
 SELECTIONS = ("uniform", "gradient")
+OPTIMIZER_RESETS = ("all", "momentum", "none")
+# Per-parameter optimizer state that holds a direction (Adam/AdamW's first moment, SGD's
+# momentum): what optimizer_reset="momentum" zeroes.
+MOMENTUM_STATE = ("exp_avg", "momentum_buffer")
 _BLOCK_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
@@ -84,6 +88,11 @@ class XGBLoRAConfig:
             best on the demo task (``bench/results/schedule.md``, ``accuracy.md``).
         power_iters: power iterations of ``booster_init="gradient"``.
         weight_decay: on the boosters (the practical form of the paper's norm penalty).
+        optimizer_reset: what a merge does to the merged boosters' optimizer state: ``"all"``
+            (drop it: the paper's recipe), ``"momentum"`` (zero the first moment, keep Adam's
+            second moment and step count: the next round starts from zero velocity with the
+            per-coordinate gradient scale already known, so its first steps are small instead of
+            full-size sign steps) or ``"none"`` (keep everything).
         rewarm_steps: after each merge, ramp the boosters' learning rate linearly over this many
             steps (0: off), under whatever schedule the optimizer follows.
         verify_replicas: under ``torch.distributed`` with more than one rank, check at each
@@ -110,6 +119,7 @@ class XGBLoRAConfig:
     select: str = "gradient"
     power_iters: int = 4
     weight_decay: float = 1e-4
+    optimizer_reset: str = "all"
     rewarm_steps: int = 0
     verify_replicas: bool = True
     seed: int = 0
@@ -137,6 +147,10 @@ class XGBLoRAConfig:
             )
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.optimizer_reset not in OPTIMIZER_RESETS:
+            raise ValueError(
+                f"optimizer_reset must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}"
+            )
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.total_steps is not None and self.rounds is not None:
@@ -161,6 +175,12 @@ class XGBLoRAConfig:
         if unknown:
             raise ValueError(f"unknown XGBLoRAConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def _write_rows_(t: torch.Tensor, whole: torch.Tensor) -> None:
+    """``t[:] = whole`` (cast to t's dtype); for a row-sharded DTensor, only the rows held here."""
+    local, start = local_rows(t)
+    local.copy_(whole[start : start + local.shape[0]])
 
 
 def group_units(names: list[str], sample_by: str) -> dict[str, list[str]]:
@@ -367,19 +387,20 @@ class Booster:
         agree_across_ranks(self.active, f"the active layers of round {self.round}")
         for name in self.active:
             layer = self.layers[name]
-            a = layer.lora_a
-            if is_dtensor(a):
-                raise NotImplementedError(
-                    "booster_init='gradient' does not support sharded (FSDP2) boosters yet; use "
-                    "XGBLoRAConfig(booster_init='random')"
-                )
-            norm = float(a.float().norm())
+            a, b = layer.lora_a, layer.lora_b
+            # FSDP2: every rank computes the same whole vectors (the products are all-reduced)
+            # and writes its own rows of a and of the sharded gradients.
+            whole_a = a.full_tensor() if is_dtensor(a) else a
+            norm = float(whole_a.float().norm())
             sigma, u, v = top_singular_pair(
-                probe.gradient(name, layer.backend), a, self.config.power_iters
+                probe.gradient(name, layer.backend), whole_a, self.config.power_iters
             )
-            a.copy_(v * norm)
-            a.grad = torch.zeros_like(a)
-            layer.lora_b.grad = (u * (layer.alpha * sigma * norm)).to(layer.lora_b.dtype)
+            _write_rows_(a, v * norm)
+            for p in (a, b):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _write_rows_(a.grad, torch.zeros_like(v))
+            _write_rows_(b.grad, u * (layer.alpha * sigma * norm))
             self._round_sigma[name] = sigma
         probe.remove()
         self._init_probe = None
@@ -462,10 +483,18 @@ class Booster:
             verify_replicas(self, where=f" after round {self.round - 1}")
 
     def _reset_optimizer_state(self, layer: FastRank1Linear) -> None:
+        reset = self.config.optimizer_reset
         for p in (layer.lora_a, layer.lora_b):
             p.grad = None
-            if self.optimizer is not None:
+            if self.optimizer is None or reset == "none":
+                continue
+            if reset == "all":
                 self.optimizer.state.pop(p, None)
+                continue
+            for key in MOMENTUM_STATE:
+                buffer = self.optimizer.state.get(p, {}).get(key)
+                if isinstance(buffer, torch.Tensor):
+                    buffer.zero_()
 
     def _apply_rewarm(self) -> None:
         """Scale the boosters' lr by ``min(1, (steps since merge + 1) / rewarm_steps)``.

@@ -14,7 +14,13 @@ import dataclasses
 import logging
 import sys
 
-from xgblora_fast.boosting import BOOSTER_INITS, SAMPLE_BY, SELECTIONS, XGBLoRAConfig
+from xgblora_fast.boosting import (
+    BOOSTER_INITS,
+    OPTIMIZER_RESETS,
+    SAMPLE_BY,
+    SELECTIONS,
+    XGBLoRAConfig,
+)
 from xgblora_fast.finetune import DEFAULT_LR, DTYPES, METHODS, TASKS, FinetuneConfig
 from xgblora_fast.layer import INITS
 from xgblora_fast.ops.checks import ROUNDINGS
@@ -101,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torch.distributed: check every round that all ranks hold the same weights",
     )
     g.add_argument("--weight-decay", type=float, default=x.weight_decay, help="on the boosters")
+    g.add_argument(
+        "--optimizer-reset",
+        choices=OPTIMIZER_RESETS,
+        default=x.optimizer_reset,
+        help="at each merge drop the boosters' optimizer state (all), only its momentum, or none",
+    )
     g.add_argument(
         "--rewarm-steps",
         type=int,

@@ -24,7 +24,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(rows of t held here, global index of the first)``: ``(t, 0)`` for a plain tensor.
 
     A DTensor must be sharded by rows (``Shard(0)``) on a 1-D mesh, as FSDP2's ``fully_shard``
@@ -185,7 +185,7 @@ class FastRank1Linear(nn.Module):
         sharded (FSDP2) each rank draws the whole ``[in]`` vector and keeps its block: the
         shards together are the single-process draw, and every generator advances alike.
         """
-        local_a, start = _local_rows(self.lora_a)
+        local_a, start = local_rows(self.lora_a)
         a = local_a if local_a.shape[0] == self.in_features else local_a.new_empty(self.in_features)
         width = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         if self.init == "kaiming":
@@ -222,7 +222,7 @@ class FastRank1Linear(nn.Module):
                     "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
                     "sharded with it; use 'stochastic' or 'nearest'"
                 )
-            weight, start = _local_rows(self.weight)
+            weight, start = local_rows(self.weight)
             a, b = (p.full_tensor() if is_dtensor(p) else p for p in (self.lora_a, self.lora_b))
             b = b[start : start + weight.shape[0]]
         else:
