@@ -30,6 +30,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
     "XGBLoRA (defaults)": ["--method", "xgblora"],
+    # The defaults of session 2 (before the schedule search moved L_s to 0.5), pinned.
+    "XGBLoRA (gradient init + select, L_s 0.35)": [
+        "--method", "xgblora", "--layers-per-round", "0.35", "--booster-init", "gradient",
+        "--select", "gradient",
+    ],
     # The recipe as the paper states it, pinned so that changing the defaults does not move it.
     "XGBLoRA (literal recipe)": [
         "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
