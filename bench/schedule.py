@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -53,6 +54,34 @@ VARIANTS: dict[str, list[str]] = {
         "0.67",
         "--lr",
         "3e-3",
+    ],
+    "gradient init + select, L_s 0.67, rewarm 3": [
+        *GUIDED,
+        "--layers-per-round",
+        "0.67",
+        "--rewarm-steps",
+        "3",
+    ],
+    "gradient init + select, L_s 0.5, kappa 5": [
+        *GUIDED,
+        "--layers-per-round",
+        "0.5",
+        "--kappa",
+        "5",
+    ],
+    "gradient init + select, L_s 0.5, rewarm 3": [
+        *GUIDED,
+        "--layers-per-round",
+        "0.5",
+        "--rewarm-steps",
+        "3",
+    ],
+    "gradient init, L_s all, rewarm 3": [
+        *GUIDED,
+        "--layers-per-round",
+        "1.0",
+        "--rewarm-steps",
+        "3",
     ],
     "gradient init, L_s all, lr 2e-3": [*GUIDED, "--layers-per-round", "1.0", "--lr", "2e-3"],
     "gradient init, L_s all, lr 1e-3": [*GUIDED, "--layers-per-round", "1.0", "--lr", "1e-3"],
@@ -154,6 +183,20 @@ def plot(table: dict[tuple[str, int], list[float]], path: Path) -> None:
     plt.close(fig)
 
 
+def save_run(path: Path, name: str, summary: dict) -> dict[str, dict]:
+    """Add one run to the cache file and return all its runs.
+
+    Re-reads the file first, so searches running side by side keep each other's results; the
+    file is replaced atomically, so an interruption leaves the old or the new cache.
+    """
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[name] = summary
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1))
+    os.replace(tmp, path)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -176,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         options = [*BASE, *VARIANTS[name], "--batch-size", str(args.batch_size)]
         summary = run_one(options, seed, args)
         summary.update(variant=name, seed=seed)
-        runs[key(name, args.steps, seed)] = summary
-        path.write_text(json.dumps(runs, indent=1))  # partial results survive an interruption
+        runs = save_run(path, key(name, args.steps, seed), summary)
     write_report(runs, args.out)
     print((args.out / "schedule.md").read_text())
 
