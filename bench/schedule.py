@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import METHODS, RESULTS, key, run_one
+from accuracy import METHODS, RESULTS, key, run_one, save_run
 
 # The recipe as the paper states it (pinned in accuracy.py, so new defaults do not move it).
 BASE = METHODS["XGBLoRA (literal recipe)"]
@@ -181,20 +180,6 @@ def plot(table: dict[tuple[str, int], list[float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def save_run(path: Path, name: str, summary: dict) -> dict[str, dict]:
-    """Add one run to the cache file and return all its runs.
-
-    Re-reads the file first, so searches running side by side keep each other's results; the
-    file is replaced atomically, so an interruption leaves the old or the new cache.
-    """
-    runs = json.loads(path.read_text()) if path.exists() else {}
-    runs[name] = summary
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(runs, indent=1))
-    os.replace(tmp, path)
-    return runs
 
 
 def main(argv: list[str] | None = None) -> None:

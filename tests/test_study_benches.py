@@ -93,3 +93,25 @@ def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
     # A different batch size cannot be mixed into the same cache.
     with pytest.raises(SystemExit, match="batch 8"):
         accuracy.main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
+
+
+def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tmp_path):
+    """Two processes that loaded the cache before either wrote must not drop a run: each write
+    re-reads the file. A run copied from another study says so under the tables."""
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"batch_size": 32, "runs": {}}))
+    summary = {"name": "m", "seed": 0, "steps": 5, "before": {"accuracy": 0.5}}
+    first = accuracy.save_run(path, "a", summary | {"after": {"accuracy": 0.7}}, section="runs")
+    second = accuracy.save_run(
+        path, "b", summary | {"after": {"accuracy": 0.8}, "source": "schedule.py"}, "runs"
+    )
+    assert sorted(first["runs"]) == ["a"] and sorted(second["runs"]) == ["a", "b"]
+    assert json.loads(path.read_text()) == second
+    assert not path.with_suffix(".json.tmp").exists()
+    for r in second["runs"].values():
+        r |= {"trainable_params_per_step": 1, "cumulative_trainable_params": 1}
+        r |= {"seconds_per_step": 1.0, "peak_rss_mib": 1.0}
+    accuracy.write_report(second, tmp_path)
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| m | 2 | 0.7500 ± 0.0707 |" in md
+    assert "- b: schedule.py" in md and "- a:" not in md

@@ -9,7 +9,7 @@ count: keeping Adam's step count after zeroing its moments makes the first updat
 
 Plain loop::
 
-    booster = xf.Booster(model, xf.XGBLoRAConfig(kappa=10, layers_per_round=0.5))
+    booster = xf.Booster(model, xf.XGBLoRAConfig(kappa=10, layers_per_round=0.67))
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=1e-3)
     booster.attach(optimizer)
     for batch in loader:
@@ -108,7 +108,7 @@ class XGBLoRAConfig:
     alpha: float = 1.0
     dropout: float = 0.0
     kappa: int = 10
-    layers_per_round: int | float = 0.5
+    layers_per_round: int | float = 0.67
     sample_by: str = "block"
     total_steps: int | None = None
     rounds: int | None = None
@@ -120,7 +120,7 @@ class XGBLoRAConfig:
     power_iters: int = 4
     weight_decay: float = 1e-4
     optimizer_reset: str = "all"
-    rewarm_steps: int = 0
+    rewarm_steps: int = 3
     verify_replicas: bool = True
     seed: int = 0
     record: bool = True
