@@ -222,9 +222,7 @@ def _boost(shard: bool, guided: bool = False) -> dict[str, list]:
         verify_replicas=False,
         booster_init="gradient" if guided else "random",
         select="gradient" if guided else "uniform",
-        # With the default 3-step re-warm-up the sharded run leaves the single-process bits
-        # (the optimizer steps at lr * 1/3, 2/3 on bf16 DTensor parameters; not yet explained).
-        rewarm_steps=0,
+        rewarm_steps=3,  # finds the boosters' groups by the Parameters fully_shard put in place
     )
     booster = xf.Booster(model, cfg)
     if shard:

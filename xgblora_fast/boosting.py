@@ -249,7 +249,6 @@ class Booster:
         self._touched: set[str] = set()
         self._lr_envelope: dict[int, float] = {}
         self._lr_written: dict[int, float] = {}
-        self._booster_params = {id(p) for m in layers.values() for p in (m.lora_a, m.lora_b)}
         # The layers carry their records too (a layer that already has one keeps it), so the
         # model alone is enough for xf.export_lora / xf.unmerge_.
         for layer in layers.values():
@@ -507,8 +506,10 @@ class Booster:
         # Round 0 follows no merge: the global schedule's own warm-up covers it.
         ramp = (self.step_in_round + 1) / self.config.rewarm_steps
         factor = 1.0 if self.round == 0 else min(1.0, ramp)
+        # The live Parameters: FSDP2's fully_shard (after the booster was built) replaces them.
+        boosters = {id(p) for p in self.parameters()}
         for i, group in enumerate(self.optimizer.param_groups):
-            if not any(id(p) in self._booster_params for p in group["params"]):
+            if not any(id(p) in boosters for p in group["params"]):
                 continue
             if group["lr"] != self._lr_written.get(i):
                 self._lr_envelope[i] = group["lr"]
