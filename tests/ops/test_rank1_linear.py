@@ -165,7 +165,8 @@ def test_custom_op_registration_passes_opcheck():
     x, weight, bias, a, b, _ = make_inputs((6,), 10, 12, torch.float32, True, seed=1)
     a.requires_grad_()
     b.requires_grad_()
-    torch.library.opcheck(rank1_linear_fwd, (x, weight, bias, a, b, 0.5, None, "torch"))
+    results = torch.library.opcheck(rank1_linear_fwd, (x, weight, bias, a, b, 0.5, None, "torch"))
+    assert results and set(results.values()) == {"SUCCESS"}, results  # opcheck also raises
 
 
 class _CountingLaunches:
