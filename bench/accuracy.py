@@ -3,11 +3,13 @@
 Every run has the same total optimizer steps, batch size and data order (per seed), runs in its
 own process (so its peak resident memory is its own) and is the ``xgblora-fast finetune`` CLI.
 Runs are cached by ``(method, steps, seed)`` in ``accuracy.json``, so budgets and seeds can be
-added across sessions; ``accuracy.md`` has one table per budget, ``accuracy.png`` one panel.
+added across sessions; ``accuracy.md`` has one table per budget, ``accuracy.png`` one panel,
+``accuracy_curves.png`` the training loss (means of 10 steps) of the runs that recorded it.
 XGBLoRA variants one factor at a time are ``bench/schedule.py``'s job.
 
     python bench/accuracy.py                          # 200 steps, seeds 0 1 2 (~1.5 h, 2 cores)
     python bench/accuracy.py --steps 1000 --seeds 0   # add a budget
+    python bench/accuracy.py --seeds 0 --methods "LoRA r=1 (peft)" --refresh   # run it again
     python bench/accuracy.py --steps 20 --seeds 0 --eval-limit 200 --out /tmp/a   # smoke run
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CURVE_WINDOW = 10  # steps per point of a run's recorded training-loss curve
 
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
@@ -89,10 +92,16 @@ def run_one(options: list[str], seed: int, args: argparse.Namespace) -> dict:
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
         summary = json.loads((Path(out) / "summary.json").read_text())
-    summary.pop("train_loss")
+    losses = summary.pop("train_loss")
+    summary["loss_curve"] = loss_curve(losses)
     summary["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     summary["wall_seconds"] = time.perf_counter() - start
     return summary
+
+
+def loss_curve(losses: list[float], window: int = CURVE_WINDOW) -> list[float]:
+    """Mean training loss of each ``window`` consecutive steps (the last window may be short)."""
+    return [statistics.fmean(losses[i : i + window]) for i in range(0, len(losses), window)]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -190,6 +199,37 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    plot_curves(results, path.with_name("accuracy_curves.png"))
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Training loss against step per budget, mean over the seeds that recorded a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = {
+        steps: {n: [r["loss_curve"] for r in runs if "loss_curve" in r] for n, runs in m.items()}
+        for steps, m in by_budget(results["runs"]).items()
+    }
+    budgets = {s: {n: c for n, c in m.items() if c} for s, m in budgets.items()}
+    budgets = {s: m for s, m in budgets.items() if m}
+    if not budgets:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(7 * len(budgets), 4.5), squeeze=False)
+    for ax, (steps, methods) in zip(axes[0], budgets.items(), strict=True):
+        for name, curves in methods.items():
+            mean = [statistics.fmean(points) for points in zip(*curves, strict=True)]
+            x = [CURVE_WINDOW * (i + 0.5) for i in range(len(mean))]
+            ax.plot(x, mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"training loss (mean of {CURVE_WINDOW} steps)")
+        ax.set_title(f"{steps} steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-limit", type=int, default=None, help="test rows (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     p.add_argument("--report-only", action="store_true", help="re-render OUT/accuracy.json")
+    p.add_argument("--refresh", action="store_true", help="run cached runs again (replace them)")
     args = p.parse_args(argv)
     path = args.out / "accuracy.json"
     if not path.exists():
@@ -213,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         (name, seed)
         for seed in args.seeds
         for name in args.methods
-        if key(name, args.steps, seed) not in results["runs"]
+        if args.refresh or key(name, args.steps, seed) not in results["runs"]
     ]  # fmt: skip
     for name, seed in tqdm(todo, desc="accuracy study", unit="run"):
         summary = run_one([*METHODS[name], "--batch-size", str(args.batch_size)], seed, args)

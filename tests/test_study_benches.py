@@ -90,9 +90,33 @@ def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
     xgb_rows = [line for line in md.splitlines() if line.startswith("| XGBLoRA")]
     assert xgb_rows[1].split("|")[4].strip() == "-"
     assert (tmp_path / "accuracy.png").stat().st_size > 5000
+    # Every run records its training-loss curve (one point per 10 steps: one here), plotted.
+    assert all(len(r["loss_curve"]) == 1 and r["loss_curve"][0] > 0 for r in runs.values())
+    assert (tmp_path / "accuracy_curves.png").stat().st_size > 5000
+    # --refresh runs a cached run again and replaces it.
+    calls = []
+
+    def fake_run(options, seed, args):
+        calls.append((options[:2], seed))
+        return runs[accuracy.key("LoRA r=1 (peft)", 2, 0)] | {"wall_seconds": -1.0}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run)
+    accuracy.main(["--steps", "2", *common, "--methods", "LoRA r=1 (peft)"])
+    assert calls == []
+    accuracy.main(["--steps", "2", *common, "--methods", "LoRA r=1 (peft)", "--refresh"])
+    assert calls == [(["--method", "lora"], 0)]
+    refreshed = json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+    assert refreshed[accuracy.key("LoRA r=1 (peft)", 2, 0)]["wall_seconds"] == -1.0
+    assert len(refreshed) == 3
     # A different batch size cannot be mixed into the same cache.
     with pytest.raises(SystemExit, match="batch 8"):
         accuracy.main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
+
+
+def test_loss_curve_is_the_mean_of_each_window_with_a_short_last_one():
+    losses = [float(i) for i in range(25)]
+    assert accuracy.loss_curve(losses, window=10) == [4.5, 14.5, 22.0]
+    assert accuracy.loss_curve([0.7], window=10) == [0.7]
 
 
 def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tmp_path):
