@@ -28,6 +28,10 @@ from accuracy import METHODS, RESULTS, key, run_one, save_run
 BASE = METHODS["XGBLoRA (literal recipe)"]
 # name -> options added to BASE (later options win in argparse).
 GUIDED = ["--booster-init", "gradient", "--select", "gradient"]
+# The defaults of XGBLoRAConfig / the CLI, spelled out on top of BASE.
+DEFAULTS = [*GUIDED, "--layers-per-round", "0.67", "--rewarm-steps", "3"]
+# MiniLM's targets without its pooler (a 384x384 layer whose |W| is 1/9 of a block layer's).
+NO_POOLER = ["--target-modules", r".*\.layer\.\d+\..*(query|key|value|dense)"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
@@ -54,13 +58,7 @@ VARIANTS: dict[str, list[str]] = {
         "--lr",
         "3e-3",
     ],
-    "gradient init + select, L_s 0.67, rewarm 3": [
-        *GUIDED,
-        "--layers-per-round",
-        "0.67",
-        "--rewarm-steps",
-        "3",
-    ],
+    "gradient init + select, L_s 0.67, rewarm 3": DEFAULTS,
     "gradient init + select, L_s 0.5, kappa 5": [
         *GUIDED,
         "--layers-per-round",
@@ -84,6 +82,12 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "gradient init, L_s all, lr 2e-3": [*GUIDED, "--layers-per-round", "1.0", "--lr", "2e-3"],
     "gradient init + select, kappa 5": [*GUIDED, "--kappa", "5"],
+    # Around the defaults: what else larger steps or more layers do, and the pooler's part.
+    "defaults, L_s 0.86": [*DEFAULTS, "--layers-per-round", "0.86"],
+    "defaults, merge step 1.5": [*DEFAULTS, "--merge-step", "1.5"],
+    "defaults, warm-up 15%": [*DEFAULTS, "--warmup-ratio", "0.15"],
+    "defaults, no pooler": [*DEFAULTS, *NO_POOLER],
+    "defaults, no pooler, all blocks": [*DEFAULTS, *NO_POOLER, "--layers-per-round", "1.0"],
     # What a merge does to the boosters' Adam state (the recipe drops it all).
     "gradient init + select, reset momentum": [*GUIDED, "--optimizer-reset", "momentum"],
     "gradient init + select, reset none": [*GUIDED, "--optimizer-reset", "none"],
@@ -132,7 +136,8 @@ def write_report(runs: dict[str, dict], out: Path) -> None:
         base = table.get(("base", steps))
         delta = f"{mean - statistics.fmean(base):+.4f}" if base else "-"
         sd = f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else ""
-        opts = " ".join(VARIANTS.get(name, [])) or "-"
+        # A regex's "|" would end the markdown cell.
+        opts = " ".join(VARIANTS.get(name, [])).replace("|", "\\|") or "-"
         lines.append(f"| {name} | `{opts}` | {steps} | {len(accs)} | {mean:.4f}{sd} | {delta} |")
     (out / "schedule.md").write_text("\n".join(lines) + "\n")
     plot(table, out / "schedule.png")

@@ -4,6 +4,7 @@ tables and plots."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -139,3 +140,20 @@ def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tm
     md = (tmp_path / "accuracy.md").read_text()
     assert "| m | 2 | 0.7500 ± 0.0707 |" in md
     assert "- b: schedule.py" in md and "- a:" not in md
+
+
+def test_schedule_table_escapes_a_regex_pipe_so_every_row_keeps_its_six_cells(tmp_path):
+    runs = {
+        "a": {"variant": "defaults, no pooler", "steps": 5, "after": {"accuracy": 0.8}},
+        "b": {"variant": "base", "steps": 5, "after": {"accuracy": 0.7}},
+    }
+    schedule.write_report(runs, tmp_path)
+    rows = [
+        line
+        for line in (tmp_path / "schedule.md").read_text().splitlines()
+        if line.startswith("| ") and "variant" not in line
+    ]
+    assert "(query\\|key\\|value\\|dense)" in rows[0]
+    # Cells split on unescaped pipes only, as a markdown renderer does.
+    assert [len(re.split(r"(?<!\\)\|", row)) - 2 for row in rows] == [6, 6]
+    assert rows[0].split(" | ")[-1] == "+0.1000 |"
