@@ -92,8 +92,7 @@ def run_one(options: list[str], seed: int, args: argparse.Namespace) -> dict:
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
         summary = json.loads((Path(out) / "summary.json").read_text())
-    losses = summary.pop("train_loss")
-    summary["loss_curve"] = loss_curve(losses)
+    summary["loss_curve"] = loss_curve(summary.pop("train_loss"))
     summary["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     summary["wall_seconds"] = time.perf_counter() - start
     return summary
@@ -175,6 +174,7 @@ def write_report(results: dict, out: Path) -> None:
         lines += [f"- {name}: {source}" for name, source in sorted(borrowed.items())]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "accuracy.png")
+    plot_curves(results, out / "accuracy_curves.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -199,7 +199,6 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    plot_curves(results, path.with_name("accuracy_curves.png"))
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -209,12 +208,12 @@ def plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = {
-        steps: {n: [r["loss_curve"] for r in runs if "loss_curve" in r] for n, runs in m.items()}
-        for steps, m in by_budget(results["runs"]).items()
-    }
-    budgets = {s: {n: c for n, c in m.items() if c} for s, m in budgets.items()}
-    budgets = {s: m for s, m in budgets.items() if m}
+    budgets: dict[int, dict[str, list[list[float]]]] = {}
+    for steps, methods in by_budget(results["runs"]).items():
+        for name, runs in methods.items():
+            curves = [r["loss_curve"] for r in runs if "loss_curve" in r]
+            if curves:
+                budgets.setdefault(steps, {})[name] = curves
     if not budgets:
         return
     fig, axes = plt.subplots(1, len(budgets), figsize=(7 * len(budgets), 4.5), squeeze=False)

@@ -54,7 +54,8 @@ def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, mark_dynamic: bool 
     return y.detach(), [x.grad, *(p.grad for p in model.boosters())]
 
 
-def compare_with_eager(backend: str, layer_backend: str, rel: float, seed: int) -> None:
+def worst_error_vs_eager(backend: str, layer_backend: str, seed: int) -> float:
+    """Largest ``max|compiled - eager| / max|eager|`` over the output and every gradient."""
     eager = make_stack(seed, layer_backend)
     compiled_model = copy.deepcopy(eager)
     torch._dynamo.reset()
@@ -63,15 +64,17 @@ def compare_with_eager(backend: str, layer_backend: str, rel: float, seed: int) 
     dy = torch.randn(3, 10, M)
     y_ref, grads_ref = run(eager, x, dy)
     y, grads = run(compiled, x, dy)
+    torch._dynamo.reset()
     base = copy.deepcopy(eager)
     base.l1.active = base.l2.active = False
     assert (y_ref - base(x).detach()).abs().max() > 0.1  # the adapters matter
-    assert_rel_close(y, y_ref, rel, "output")
-    names = ["x", "l1.a", "l1.b", "l2.a", "l2.b"]
-    for name, got, ref in zip(names, grads, grads_ref, strict=True):
-        assert got is not None, name
-        assert_rel_close(got, ref, rel, f"grad {name}")
-    torch._dynamo.reset()
+    names = ["y", "x", "l1.a", "l1.b", "l2.a", "l2.b"]
+    errors = {}
+    for name, got, ref in zip(names, [y, *grads], [y_ref, *grads_ref], strict=True):
+        assert got is not None and got.shape == ref.shape, name
+        ref64 = ref.double()
+        errors[name] = float((got.double() - ref64).abs().max() / ref64.abs().max())
+    return max(errors.values())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -88,11 +91,11 @@ def test_no_graph_breaks(dropout, train):
 
 @pytest.mark.parametrize("layer_backend", ["torch", "triton"])
 def test_aot_eager_matches_eager(layer_backend):
-    compare_with_eager("aot_eager", layer_backend, 1e-6, seed=1)
+    assert worst_error_vs_eager("aot_eager", layer_backend, seed=1) <= 1e-6
 
 
 def test_inductor_fullgraph_matches_eager():
-    compare_with_eager("inductor", "torch", 1e-5, seed=2)
+    assert worst_error_vs_eager("inductor", "torch", seed=2) <= 1e-5
 
 
 def test_merge_between_compiled_steps_needs_no_recompile():

@@ -99,7 +99,7 @@ def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
 
     def fake_run(options, seed, args):
         calls.append((options[:2], seed))
-        return runs[accuracy.key("LoRA r=1 (peft)", 2, 0)] | {"wall_seconds": -1.0}
+        return runs[accuracy.key("LoRA r=1 (peft)", 2, 0)] | {"marker": "refreshed"}
 
     monkeypatch.setattr(accuracy, "run_one", fake_run)
     accuracy.main(["--steps", "2", *common, "--methods", "LoRA r=1 (peft)"])
@@ -107,7 +107,7 @@ def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
     accuracy.main(["--steps", "2", *common, "--methods", "LoRA r=1 (peft)", "--refresh"])
     assert calls == [(["--method", "lora"], 0)]
     refreshed = json.loads((tmp_path / "accuracy.json").read_text())["runs"]
-    assert refreshed[accuracy.key("LoRA r=1 (peft)", 2, 0)]["wall_seconds"] == -1.0
+    assert refreshed[accuracy.key("LoRA r=1 (peft)", 2, 0)]["marker"] == "refreshed"
     assert len(refreshed) == 3
     # A different batch size cannot be mixed into the same cache.
     with pytest.raises(SystemExit, match="batch 8"):
