@@ -35,6 +35,15 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got64 - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "") -> None:
+    """Elementwise ``rtol=rel`` plus an absolute floor of ``rel * max|ref|`` (normwise)."""
+    assert got.shape == ref.shape, (what, got.shape, ref.shape)
+    ref64 = ref.detach().double()
+    floor = rel * ref64.abs().max().item()
+    assert floor > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
+    torch.testing.assert_close(got.detach().double(), ref64, rtol=rel, atol=floor, msg=what)
+
+
 def bits_of(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of an fp16/bf16/fp32 tensor, for bit-identity checks."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])

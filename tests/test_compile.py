@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kernel_checks import assert_rel_close
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xgblora_fast as xf
@@ -35,13 +36,6 @@ def make_stack(seed: int, backend: str = "torch", dropout: float = 0.0) -> Stack
         for p in model.boosters():
             p.copy_(torch.randn_like(p) * 0.5)  # b != 0: the adapters matter
     return model
-
-
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "") -> None:
-    ref64 = ref.detach().double()
-    floor = rel * ref64.abs().max().item()
-    assert floor > 0, what
-    torch.testing.assert_close(got.detach().double(), ref64, rtol=rel, atol=floor, msg=what)
 
 
 def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, mark_dynamic: bool = False):

@@ -8,20 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kernel_checks import assert_rel_close
 
 import xgblora_fast as xf
 
 BACKENDS = ["torch", "triton"]
 K, M = 48, 40  # in/out features: modest, the Triton interpreter is slow
-
-
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "") -> None:
-    """Elementwise ``rtol=rel`` plus an absolute floor of ``rel * max|ref|`` (normwise)."""
-    assert got.shape == ref.shape, (what, got.shape, ref.shape)
-    ref64 = ref.detach().double()
-    floor = rel * ref64.abs().max().item()
-    assert floor > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
-    torch.testing.assert_close(got.detach().double(), ref64, rtol=rel, atol=floor, msg=what)
 
 
 class Tiny(nn.Module):

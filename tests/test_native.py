@@ -30,7 +30,7 @@ import time
 
 import pytest
 import torch
-from kernel_checks import compensation_like
+from kernel_checks import compensation_like, rel_err
 
 import xgblora_fast as xf
 from xgblora_fast.ops import _native, reference
@@ -52,10 +52,6 @@ DTYPES = [torch.float32, *LOW]
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
-    return ((got.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
 
 
 # ---- the CUDA extension: build for sm_80 + sm_90, import, resource usage ----------------------

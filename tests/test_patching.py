@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
+from kernel_checks import assert_rel_close
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -49,13 +50,6 @@ def input_ids(seed: int = 1, shape=(2, 12)) -> torch.Tensor:
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits
-
-
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "") -> None:
-    ref64 = ref.detach().double()
-    floor = rel * ref64.abs().max().item()
-    assert floor > 0, what
-    torch.testing.assert_close(got.detach().double(), ref64, rtol=rel, atol=floor, msg=what)
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
