@@ -88,6 +88,9 @@ VARIANTS: dict[str, list[str]] = {
     "defaults, warm-up 15%": [*DEFAULTS, "--warmup-ratio", "0.15"],
     "defaults, no pooler": [*DEFAULTS, *NO_POOLER],
     "defaults, no pooler, all blocks": [*DEFAULTS, *NO_POOLER, "--layers-per-round", "1.0"],
+    # Longer budgets: fewer, less noisy rank-1 pieces; Adam's scale kept across merges.
+    "defaults, kappa 20": [*DEFAULTS, "--kappa", "20"],
+    "defaults, reset momentum": [*DEFAULTS, "--optimizer-reset", "momentum"],
     # What a merge does to the boosters' Adam state (the recipe drops it all).
     "gradient init + select, reset momentum": [*GUIDED, "--optimizer-reset", "momentum"],
     "gradient init + select, reset none": [*GUIDED, "--optimizer-reset", "none"],

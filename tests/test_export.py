@@ -21,6 +21,7 @@ import xgblora_fast as xf
 from xgblora_fast import cli
 from xgblora_fast.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT, adapter_metadata
 from xgblora_fast.export import export_lora_from_checkpoint as export_from_checkpoint
+from xgblora_fast.records import MergeRecord
 
 VOCAB = 40
 
@@ -431,3 +432,33 @@ def test_cli_finetune_and_export_lora_end_to_end(tiny_folder, sentiment_csv, tmp
     assert rel(logits(load_peft(base, tmp_path / "ckpt"), ids), merged) < 1e-5
     report = json.loads((tmp_path / "r1" / EXPORT_REPORT).read_text())
     assert report["rank"] == 1 and report["relative_error"] > 0
+
+
+def test_merge_record_keeps_every_vector_across_growth_and_removal():
+    """A record grown past several capacities, with merges removed at both ends and in the
+    middle, holds exactly the vectors of a plain list kept alongside, in one buffer per side."""
+    layer = xf.FastRank1Linear(7, 5)
+    record = MergeRecord.for_layer(layer)
+    kept: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+    torch.manual_seed(3)
+    for t in range(70):
+        with torch.no_grad():
+            layer.lora_a.copy_(torch.randn(7))
+            layer.lora_b.copy_(torch.randn(5))
+        record.add(t, 0.5 + t, layer, "nearest")
+        kept.append((t, 0.5 + t, layer.lora_a.detach().clone(), layer.lora_b.detach().clone()))
+    for index in (0, 33, 67, 30):
+        record.remove(index)
+        del kept[index]
+    assert record.rounds == [t for t, *_ in kept] and record.steps == [s for _, s, *_ in kept]
+    assert torch.equal(record.a, torch.stack([a for *_, a, _ in kept]))
+    assert torch.equal(record.b, torch.stack([b for *_, b in kept]))
+    assert record.a.shape == (66, 7) and record.a._base is not None  # views of one buffer
+    up, down = record.factors()
+    scales = torch.tensor([s * layer.alpha for _, s, *_ in kept])
+    assert torch.equal(up, torch.stack([b for *_, b in kept], dim=1) * scales)
+    assert torch.equal(down, record.a)
+    loaded = MergeRecord.from_state(record.state_dict())
+    assert torch.equal(loaded.a, record.a) and torch.equal(loaded.b, record.b)
+    empty = MergeRecord.for_layer(layer)
+    assert empty.a.shape == (0, 7) and empty.state_dict()["b"].shape == (0, 5)
