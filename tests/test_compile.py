@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kernel_checks import assert_rel_close
+from kernel_checks import assert_rel_close, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xgblora_fast as xf
@@ -66,8 +66,7 @@ def worst_error_vs_eager(backend: str, layer_backend: str, seed: int) -> float:
     errors = {}
     for name, got, ref in zip(names, [y, *grads], [y_ref, *grads_ref], strict=True):
         assert got is not None and got.shape == ref.shape, name
-        ref64 = ref.double()
-        errors[name] = float((got.double() - ref64).abs().max() / ref64.abs().max())
+        errors[name] = rel_err(got, ref.double())
     return max(errors.values())
 
 

@@ -30,7 +30,7 @@ import time
 
 import pytest
 import torch
-from kernel_checks import compensation_like, rel_err
+from kernel_checks import bits_of, compensation_like, rel_err
 
 import xgblora_fast as xf
 from xgblora_fast.ops import _native, reference
@@ -48,10 +48,6 @@ KERNELS = {  # kernel -> instantiations per architecture
 }
 LOW = [torch.float16, torch.bfloat16]
 DTYPES = [torch.float32, *LOW]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 # ---- the CUDA extension: build for sm_80 + sm_90, import, resource usage ----------------------

@@ -41,8 +41,13 @@ class MergeRecord:
     rounding: str = "nearest"
     rounds: list[int] = dataclasses.field(default_factory=list)
     steps: list[float] = dataclasses.field(default_factory=list)
-    _a: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-    _b: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _a: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # [capacity, in]
+    _b: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # [capacity, out]
+
+    def __post_init__(self) -> None:
+        if self._a is None:
+            self._a = torch.empty(0, self.in_features, dtype=torch.float32)
+            self._b = torch.empty(0, self.out_features, dtype=torch.float32)
 
     @classmethod
     def for_layer(cls, layer: FastRank1Linear) -> MergeRecord:
@@ -54,26 +59,20 @@ class MergeRecord:
     @property
     def a(self) -> torch.Tensor:
         """``[T, in]`` fp32: the recorded ``a_t`` (a view: clone it to keep it)."""
-        return self._rows(self._a, self.in_features)
+        return self._a[: len(self.rounds)]
 
     @property
     def b(self) -> torch.Tensor:
         """``[T, out]`` fp32: the recorded ``b_t`` (a view: clone it to keep it)."""
-        return self._rows(self._b, self.out_features)
-
-    def _rows(self, buffer: torch.Tensor | None, width: int) -> torch.Tensor:
-        if buffer is None:
-            return torch.empty(0, width)
-        return buffer[: len(self.rounds)]
+        return self._b[: len(self.rounds)]
 
     @torch.no_grad()
     def add(self, round_index: int, step: float, layer: FastRank1Linear, rounding: str) -> None:
         """Record the booster ``layer`` is about to merge with step ``alpha_t = step``."""
         count = len(self.rounds)
-        if self._a is None or count == self._a.shape[0]:
+        if count == self._a.shape[0]:
             capacity = max(16, 2 * count)
-            self._a = self._grown(self._a, capacity, self.in_features)
-            self._b = self._grown(self._b, capacity, self.out_features)
+            self._a, self._b = self._grown(self._a, capacity), self._grown(self._b, capacity)
         # FSDP2 shards the boosters by rows: the record keeps whole vectors (every rank does).
         for buffer, vector in ((self._a, layer.lora_a), (self._b, layer.lora_b)):
             vector = vector.detach()
@@ -82,10 +81,9 @@ class MergeRecord:
         self.steps.append(float(step))
         self.rounding = rounding
 
-    def _grown(self, buffer: torch.Tensor | None, capacity: int, width: int) -> torch.Tensor:
-        grown = torch.empty(capacity, width, dtype=torch.float32)
-        if buffer is not None:
-            grown[: len(self.rounds)] = buffer[: len(self.rounds)]
+    def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = torch.empty(capacity, buffer.shape[1], dtype=torch.float32)
+        grown[: len(self.rounds)] = buffer[: len(self.rounds)]
         return grown
 
     def remove(self, index: int) -> None:
