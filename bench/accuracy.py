@@ -116,6 +116,12 @@ def by_budget(runs: dict[str, dict]) -> dict[int, dict[str, list[dict]]]:
     return dict(sorted(table.items()))
 
 
+def moved(runs: list[dict]) -> str:
+    """Mean relative weight change of the linear layers, over the runs that measured it."""
+    means = [r["weight_change"]["mean"] for r in runs if "weight_change" in r]
+    return f"{statistics.fmean(means):.3f} ({len(means)})" if means else "-"
+
+
 def save_run(path: Path, name: str, summary: dict, section: str | None = None) -> dict:
     """Add one run to a JSON cache (under ``section`` if given) and return the whole file.
 
@@ -139,7 +145,9 @@ def write_report(results: dict, out: Path) -> None:
         "fixes the data order, the same for every method); trainable parameters per step (the "
         "adapters being trained at that moment, plus the 770-parameter task head) and cumulative "
         "over the run (XGBLoRA: summed over rounds); time per step and peak resident memory on "
-        "2 CPU cores (indicative: other jobs may have shared the cores). Options per method: "
+        "2 CPU cores (indicative: other jobs may have shared the cores); how far the run moved "
+        "the encoder's linear layers, ‖W - W0‖ / ‖W0‖ averaged over the layers (in brackets: "
+        "the seeds that measured it; runs before it was measured show -). Options per method: "
         "`bench/accuracy.py`.",
     ]
     for steps, methods in by_budget(results["runs"]).items():
@@ -149,8 +157,8 @@ def write_report(results: dict, out: Path) -> None:
             f"## {steps} optimizer steps",
             "",
             "| method | seeds | accuracy | vs LoRA r=1 | trainable / step | cumulative trainable "
-            "| s / step | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| s / step | peak RSS MiB | ‖ΔW‖ / ‖W0‖ |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, runs in methods.items():
             acc = mean_sd([r["after"]["accuracy"] for r in runs])
@@ -164,7 +172,7 @@ def write_report(results: dict, out: Path) -> None:
                 f"| {runs[0]['trainable_params_per_step']:,} "
                 f"| {runs[0]['cumulative_trainable_params']:,} "
                 f"| {statistics.fmean(r['seconds_per_step'] for r in runs):.3f} "
-                f"| {max(r['peak_rss_mib'] for r in runs):.0f} |"
+                f"| {max(r['peak_rss_mib'] for r in runs):.0f} | {moved(runs)} |"
             )
     befores = [r["before"]["accuracy"] for r in results["runs"].values()]
     lines += ["", f"Accuracy before fine-tuning (fresh head): {statistics.fmean(befores):.4f}."]

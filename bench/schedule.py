@@ -91,6 +91,8 @@ VARIANTS: dict[str, list[str]] = {
     # Longer budgets: fewer, less noisy rank-1 pieces; Adam's scale kept across merges.
     "defaults, kappa 20": [*DEFAULTS, "--kappa", "20"],
     "defaults, reset momentum": [*DEFAULTS, "--optimizer-reset", "momentum"],
+    # XGBLoRA moves W 3x less than LoRA r=1 (200 steps): a run-long lr without the decay.
+    "defaults, constant lr": [*DEFAULTS, "--lr-schedule", "constant"],
     # What a merge does to the boosters' Adam state (the recipe drops it all).
     "gradient init + select, reset momentum": [*GUIDED, "--optimizer-reset", "momentum"],
     "gradient init + select, reset none": [*GUIDED, "--optimizer-reset", "none"],

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import math
 import tarfile
 
 import pytest
@@ -59,6 +60,23 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
     keys = set(model.state_dict())
     assert not any("lora" in k for k in keys)
     assert keys == set(BertForSequenceClassification(model.config).state_dict())
+    # How far each layer moved, against the base read back by transformers (which maps the
+    # bert. prefix itself): every linear layer but the fresh head, all of them moved.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_folder / "bert")
+    before = {
+        n: m.weight.detach() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    expected = {
+        name: float((module.weight.detach().double() - before[name].double()).norm())
+        / float(before[name].double().norm())
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "classifier"
+    }
+    change = summary["weight_change"]
+    assert change["layers"] == pytest.approx(expected, rel=1e-9)
+    assert min(change["layers"].values()) > 0
+    assert change["mean"] == pytest.approx(sum(expected.values()) / len(expected))
+    assert finetune.weight_change(model, str(tmp_path)) == {}  # no checkpoint there
     if method == "xgblora":
         history = json.loads((run / "history.json").read_text())["rounds"]
         assert len(history) == 60 // 10
@@ -204,3 +222,25 @@ def test_embedded_default_runs_offline_model_on_the_movie_reviews(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())["rounds"]
     assert len(history) == 1 and history[0]["steps"] == [0, 4]  # kappa 10: one partial round
     assert history[0]["active"][0].startswith("bert.")
+
+
+@pytest.mark.parametrize(
+    "schedule, quarter, end",
+    [("linear", 0.75, 0.0), ("cosine", (1 + math.cos(math.pi / 4)) / 2, 0.0), ("constant", 1, 1)],
+)
+def test_lr_schedule_warms_up_then_follows_its_shape(schedule, quarter, end):
+    cfg = finetune.FinetuneConfig(steps=110, warmup_ratio=10 / 110, lr_schedule=schedule)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=4e-3)
+    scheduler = finetune.make_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(optimizer.param_groups[0]["lr"] / 4e-3)
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1)
+    assert lrs[10 + 25] == pytest.approx(quarter)  # a quarter of the way after the warm-up
+    assert optimizer.param_groups[0]["lr"] / 4e-3 == pytest.approx(end, abs=1e-12)
+    parsed = cli.build_parser().parse_args(["finetune", "--lr-schedule", schedule])
+    assert cli.config_from_args(parsed).lr_schedule == schedule
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        finetune.FinetuneConfig(lr_schedule="step")

@@ -21,7 +21,7 @@ from xgblora_fast.boosting import (
     SELECTIONS,
     XGBLoRAConfig,
 )
-from xgblora_fast.finetune import DEFAULT_LR, DTYPES, METHODS, TASKS, FinetuneConfig
+from xgblora_fast.finetune import DEFAULT_LR, DTYPES, LR_SCHEDULES, METHODS, TASKS, FinetuneConfig
 from xgblora_fast.layer import INITS
 from xgblora_fast.ops.checks import ROUNDINGS
 
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--head-lr", type=float, default=d.head_lr, help="lr of a fresh task head")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument(
+        "--lr-schedule",
+        choices=tuple(LR_SCHEDULES),
+        default=d.lr_schedule,
+        help="after the warm-up: linear or cosine decay to 0, or constant",
+    )
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: only at end")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="for --method lora")

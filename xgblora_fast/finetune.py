@@ -32,6 +32,8 @@ from xgblora_fast.patching import eject
 
 METHODS = ("xgblora", "lora", "full")
 TASKS = ("seq-cls", "causal-lm")
+# Learning-rate envelopes after the linear warm-up (transformers' scheduler names).
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The attention and MLP projections of BERT-, Llama- and GPT-2-style models (not the task head).
 DEFAULT_TARGETS = (
@@ -62,6 +64,7 @@ class FinetuneConfig:
     lr: float | None = None  # None: the method's entry in DEFAULT_LR
     head_lr: float = 2e-3
     warmup_ratio: float = 0.05
+    lr_schedule: str = "linear"  # after the warm-up: linear or cosine decay to 0, or constant
     max_length: int = 64
     test_size: float = 0.2
     train_limit: int | None = None
@@ -94,6 +97,10 @@ class FinetuneConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.lr is None:
@@ -237,13 +244,28 @@ def evaluate(model, tokenizer, rows, cfg: FinetuneConfig, batch_size: int = 128)
 
 
 # ---------------------------------------------------------------- run
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: FinetuneConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_ratio * steps``, then ``cfg.lr_schedule`` to the end.
+
+    Every param group follows it (a booster's re-warm-up scales whatever lr it finds).
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        LR_SCHEDULES[cfg.lr_schedule],
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+        num_training_steps=cfg.steps,
+    )
+
+
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, evaluate before and after, save the merged model, history and plot.
 
     Returns a summary dict (also written to ``output/summary.json``).
     """
-    from transformers import get_linear_schedule_with_warmup
-
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,9 +284,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     if booster is not None:
         booster.attach(optimizer)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
-    )
+    scheduler = make_scheduler(optimizer, cfg)
     batches = batch_order(len(train_rows), cfg.batch_size, cfg.steps, cfg.seed)
     before = evaluate(model, tokenizer, test_rows, cfg)
     evals = [{"step": 0, **before}]
@@ -330,23 +350,60 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     }
     if booster is not None:
         booster.save_history(str(out / "history.json"))
-    if cfg.export_lora:  # before save_merged, which ejects the boosted layers
+    if cfg.export_lora:  # before plain_model, which ejects the boosted layers
         export_lora(booster, cfg.export_lora)
+    model = plain_model(model, booster, cfg)
+    change = weight_change(model, cfg.model or data_mod.default_model_path())
+    if change:
+        summary["weight_change"] = {"mean": sum(change.values()) / len(change), "layers": change}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(summary, booster, out / "training.png")
-    if cfg.save_model:
-        save_merged(model, tokenizer, booster, cfg, out / "model")
+    if cfg.save_model:  # the original architecture, keys and dtype (plus the tokenizer)
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
     return summary
 
 
-def save_merged(model, tokenizer, booster, cfg: FinetuneConfig, folder: Path) -> None:
-    """The merged model with the original architecture, keys and dtype (plus the tokenizer)."""
+def plain_model(model: nn.Module, booster: Booster | None, cfg: FinetuneConfig) -> nn.Module:
+    """The fine-tuned model with the base architecture: boosters ejected, LoRA merged."""
     if booster is not None:
-        model = eject(model)
-    elif cfg.method == "lora":
-        model = model.merge_and_unload()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+        return eject(model)
+    if cfg.method == "lora":
+        return model.merge_and_unload()
+    return model
+
+
+@torch.no_grad()
+def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
+    """``|W - W0|_F / |W0|_F`` of every ``nn.Linear`` weight, ``W0`` from the base checkpoint.
+
+    How far a fine-tune moved each layer (XGBLoRA and LoRA compared at equal steps). ``model``
+    must have the base architecture (``plain_model``); its module names may carry a prefix the
+    checkpoint's keys lack (``bert.`` of a classifier around a bare encoder). ``W0`` is read one
+    tensor at a time from ``base_folder/*.safetensors``. Layers the checkpoint lacks, holds with
+    another shape (a fresh head) or as zeros are left out; no safetensors files: ``{}``.
+    """
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(Path(base_folder).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+    change = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = f"{name}.weight".split(".")
+        suffixes = (".".join(parts[i:]) for i in range(len(parts)))
+        key = next((k for k in suffixes if k in files), None)
+        if key is None:
+            continue
+        with safe_open(files[key], "pt") as f:
+            w0 = f.get_tensor(key).double()
+        norm = float(w0.norm())
+        if w0.shape == module.weight.shape and norm > 0:
+            change[name] = float((module.weight.double() - w0).norm()) / norm
+    return change
 
 
 def plot_run(summary: dict, booster: Booster | None, path: Path) -> None:
