@@ -117,9 +117,17 @@ def by_budget(runs: dict[str, dict]) -> dict[int, dict[str, list[dict]]]:
 
 
 def moved(runs: list[dict]) -> str:
-    """Mean relative weight change of the linear layers, over the runs that measured it."""
-    means = [r["weight_change"]["mean"] for r in runs if "weight_change" in r]
-    return f"{statistics.fmean(means):.3f} ({len(means)})" if means else "-"
+    """Mean relative weight change of the linear layers, over the runs that measured it.
+
+    XGBLoRA also has the length of the path its rounds took (the sum of their update sizes).
+    """
+    changes = [r["weight_change"] for r in runs if "weight_change" in r]
+    if not changes:
+        return "-"
+    text = f"{statistics.fmean(c['mean'] for c in changes):.3f}"
+    if all("path_mean" in c for c in changes):
+        text += f", path {statistics.fmean(c['path_mean'] for c in changes):.3f}"
+    return f"{text} ({len(changes)})"
 
 
 def save_run(path: Path, name: str, summary: dict, section: str | None = None) -> dict:
@@ -146,8 +154,9 @@ def write_report(results: dict, out: Path) -> None:
         "adapters being trained at that moment, plus the 770-parameter task head) and cumulative "
         "over the run (XGBLoRA: summed over rounds); time per step and peak resident memory on "
         "2 CPU cores (indicative: other jobs may have shared the cores); how far the run moved "
-        "the encoder's linear layers, ‖W - W0‖ / ‖W0‖ averaged over the layers (in brackets: "
-        "the seeds that measured it; runs before it was measured show -). Options per method: "
+        "the base model's linear layers, ‖W - W0‖ / ‖W0‖ averaged over the layers (XGBLoRA: also "
+        "the path, the sum of its rounds' update sizes; in brackets: the seeds that measured "
+        "it; runs before it was measured show -). Options per method: "
         "`bench/accuracy.py`.",
     ]
     for steps, methods in by_budget(results["runs"]).items():

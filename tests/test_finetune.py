@@ -77,6 +77,12 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
     assert min(change["layers"].values()) > 0
     assert change["mean"] == pytest.approx(sum(expected.values()) / len(expected))
     assert finetune.weight_change(model, str(tmp_path)) == {}  # no checkpoint there
+    if method == "xgblora":  # |sum of the rounds' updates| <= sum of their sizes, per layer
+        rounds = json.loads((run / "history.json").read_text())["rounds"]
+        path = {n: sum(r["relative_update"].get(n, 0.0) for r in rounds) for n in expected}
+        assert change["path_layers"] == pytest.approx(path, rel=1e-9)
+        assert all(path[n] >= v * (1 - 1e-6) for n, v in expected.items())
+        assert change["path_mean"] > change["mean"]
     if method == "xgblora":
         history = json.loads((run / "history.json").read_text())["rounds"]
         assert len(history) == 60 // 10

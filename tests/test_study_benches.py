@@ -136,11 +136,11 @@ def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tm
     for r in second["runs"].values():
         r |= {"trainable_params_per_step": 1, "cumulative_trainable_params": 1}
         r |= {"seconds_per_step": 1.0, "peak_rss_mib": 1.0}
-    second["runs"]["a"]["weight_change"] = {"mean": 0.12, "layers": {"x": 0.12}}
+    second["runs"]["a"]["weight_change"] = {"mean": 0.12, "path_mean": 0.3}
     accuracy.write_report(second, tmp_path)
     md = (tmp_path / "accuracy.md").read_text()
     assert "| m | 2 | 0.7500 ± 0.0707 |" in md
-    assert "| 1.000 | 1 | 0.120 (1) |" in md  # the weight change of the seed that measured it
+    assert "| 1.000 | 1 | 0.120, path 0.300 (1) |" in md  # from the seed that measured it
     assert "- b: schedule.py" in md and "- a:" not in md
 
 

@@ -356,6 +356,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     change = weight_change(model, cfg.model or data_mod.default_model_path())
     if change:
         summary["weight_change"] = {"mean": sum(change.values()) / len(change), "layers": change}
+        if booster is not None:  # the length of the path the rounds took: net <= path
+            path = {n: 0.0 for n in change}
+            for record in booster.history:
+                for name, relative in record["relative_update"].items():
+                    path[name] += relative
+            summary["weight_change"]["path_mean"] = sum(path.values()) / len(path)
+            summary["weight_change"]["path_layers"] = path
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(summary, booster, out / "training.png")
     if cfg.save_model:  # the original architecture, keys and dtype (plus the tokenizer)
