@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -209,7 +210,9 @@ def plot(results: dict, path: Path) -> None:
         for i, name in enumerate(names):  # every seed as a dot: 3 seeds say more than a bar
             accs = [r["after"]["accuracy"] for r in methods[name]]
             ax.plot([i] * len(accs), accs, "k.", alpha=0.6)
-        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+        # Wrapped: eight long method names side by side must not run into each other.
+        labels = [textwrap.fill(n, 14) for n in names]
+        ax.set_xticks(range(len(names)), labels, fontsize=7)
         ax.set_ylim(min(m for m, _ in stats) - 0.05, max(m for m, _ in stats) + 0.03)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{steps} steps, same data order (mean ± sd over seeds)")
