@@ -13,6 +13,7 @@ from the checkpoint, e.g. ``classifier``) trains fully in every method, as peft'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -392,24 +393,26 @@ def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
     """
     from safetensors import safe_open
 
-    files = {}
-    for path in sorted(Path(base_folder).glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            files.update(dict.fromkeys(f.keys(), path))
     change = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = f"{name}.weight".split(".")
-        suffixes = (".".join(parts[i:]) for i in range(len(parts)))
-        key = next((k for k in suffixes if k in files), None)
-        if key is None:
-            continue
-        with safe_open(files[key], "pt") as f:
-            w0 = f.get_tensor(key).double()
-        norm = float(w0.norm())
-        if w0.shape == module.weight.shape and norm > 0:
-            change[name] = float((module.weight.double() - w0).norm()) / norm
+    with contextlib.ExitStack() as stack:
+        files = {}  # key -> its open file, each file opened once
+        for path in sorted(Path(base_folder).glob("*.safetensors")):
+            f = stack.enter_context(safe_open(path, "pt"))
+            files.update(dict.fromkeys(f.keys(), f))
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            parts = f"{name}.weight".split(".")
+            suffixes = (".".join(parts[i:]) for i in range(len(parts)))
+            key = next((k for k in suffixes if k in files), None)
+            if key is None:
+                continue
+            w0 = files[key].get_tensor(key).double()
+            norm = float(w0.norm())
+            if w0.shape == module.weight.shape and norm > 0:
+                # On the CPU, where W0 is: the model may sit on a GPU.
+                w = module.weight.detach().to("cpu", torch.float64)
+                change[name] = float((w - w0).norm()) / norm
     return change
 
 
