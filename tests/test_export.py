@@ -462,3 +462,42 @@ def test_merge_record_keeps_every_vector_across_growth_and_removal():
     assert torch.equal(loaded.a, record.a) and torch.equal(loaded.b, record.b)
     empty = MergeRecord.for_layer(layer)
     assert empty.a.shape == (0, 7) and empty.state_dict()["b"].shape == (0, 5)
+
+
+def test_merge_record_successive_cosines_match_the_dense_pieces():
+    """Cosines between successive merged pieces, from the vectors, equal those of the explicit
+    ``out x in`` matrices (float64), a piece that undoes the previous one gives -1, and the
+    signs of the boosting steps count."""
+    layer = xf.FastRank1Linear(6, 4, alpha=1.5)
+    record = MergeRecord.for_layer(layer)
+    torch.manual_seed(5)
+    steps = [1.0, 0.5, -2.0, 1.0, 1.0]
+    for t, step in enumerate(steps):
+        with torch.no_grad():
+            if t == 4:  # the same vectors as merge 3 with the opposite sign of b: undoes it
+                layer.lora_a.copy_(record.a[3])
+                layer.lora_b.copy_(-record.b[3])
+            else:
+                layer.lora_a.copy_(torch.randn(6))
+                layer.lora_b.copy_(torch.randn(4))
+        record.add(t, step, layer, "nearest")
+    pieces = [
+        step * 1.5 * torch.outer(b.double(), a.double())
+        for step, a, b in zip(steps, record.a, record.b, strict=True)
+    ]
+    dense = torch.tensor(
+        [
+            float((p * q).sum() / (p.norm() * q.norm()))
+            for p, q in zip(pieces[1:], pieces[:-1], strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    cosines = record.successive_cosines()
+    assert torch.allclose(cosines["piece"], dense, rtol=1e-6, atol=1e-12)
+    assert cosines["piece"][3] == pytest.approx(-1.0, abs=1e-6)
+    assert cosines["a"][3] == pytest.approx(1.0, abs=1e-6)
+    unit = record.a.double() / record.a.double().norm(dim=1, keepdim=True)
+    assert torch.allclose(cosines["a"], (unit[1:] * unit[:-1]).sum(1), atol=1e-12)
+    one = MergeRecord.for_layer(layer)
+    one.add(0, 1.0, layer, "nearest")
+    assert all(v.numel() == 0 for v in one.successive_cosines().values())

@@ -84,6 +84,12 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
         assert all(path[n] >= v * (1 - 1e-6) for n, v in expected.items())
         assert change["path_mean"] > change["mean"]
         assert len(rounds) == 60 // 10
+        # Every layer is active in all 6 rounds here: 5 successive pairs per layer.
+        cosines = change["successive_cosine"]
+        assert cosines["pairs"] == 5 * len(expected)
+        assert (
+            -1 <= cosines["piece"] <= 1 and 0 < cosines["a_abs"] <= 1 and 0 < cosines["b_abs"] <= 1
+        )
         assert summary["trainable_params_per_step"] < summary["cumulative_trainable_params"]
 
 

@@ -364,6 +364,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                     path[name] += relative
             summary["weight_change"]["path_mean"] = sum(path.values()) / len(path)
             summary["weight_change"]["path_layers"] = path
+            summary["weight_change"]["successive_cosine"] = successive_cosine(booster)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(summary, booster, out / "training.png")
     if cfg.save_model:  # the original architecture, keys and dtype (plus the tokenizer)
@@ -414,6 +415,26 @@ def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
                 w = module.weight.detach().to("cpu", torch.float64)
                 change[name] = float((w - w0).norm()) / norm
     return change
+
+
+def successive_cosine(booster: Booster) -> dict[str, float]:
+    """How each layer's merged pieces relate to the previous one, averaged over every pair.
+
+    ``piece``: the mean cosine between successive pieces ``P_t``, ``P_{t-1}`` of a layer (near
+    0: new directions each round; negative: rounds undoing each other); ``a_abs``, ``b_abs``:
+    the mean ``|cos|`` of their input and output vectors (``MergeRecord.successive_cosines``).
+    Empty when no layer was merged twice.
+    """
+    pairs = [r.successive_cosines() for r in booster.records.values() if len(r.rounds) > 1]
+    if not pairs:
+        return {}
+    a, b, piece = (torch.cat([p[key] for p in pairs]) for key in ("a", "b", "piece"))
+    return {
+        "piece": float(piece.mean()),
+        "a_abs": float(a.abs().mean()),
+        "b_abs": float(b.abs().mean()),
+        "pairs": len(piece),
+    }
 
 
 def plot_run(summary: dict, booster: Booster | None, path: Path) -> None:

@@ -103,6 +103,24 @@ class MergeRecord:
         scales = torch.tensor([step * self.alpha for step in self.steps], dtype=torch.float32)
         return self.b.T * scales, self.a.clone()
 
+    def successive_cosines(self) -> dict[str, torch.Tensor]:
+        """How each merged piece relates to the one merged before it: ``[T - 1]`` float64 each.
+
+        ``"piece"``: the cosine between ``P_t = alpha_t s b_t a_t^T`` and ``P_{t-1}`` as
+        ``out x in`` matrices, ``<P_t, P_{t-1}>_F = alpha_t alpha_{t-1} s^2 (a_t . a_{t-1})
+        (b_t . b_{t-1})``, computed from the vectors (no matrix is formed): negative when a round
+        undoes the last one, near 0 for unrelated directions. ``"a"``, ``"b"``: the cosines of
+        the input and output vectors alone (their signs are arbitrary, only their product's is
+        not). Empty tensors for fewer than two merges.
+        """
+        up, down = self.factors()
+        out = {}
+        for key, vectors in (("a", down.double()), ("b", up.T.double())):
+            unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            out[key] = (unit[1:] * unit[:-1]).sum(dim=1)
+        out["piece"] = out["a"] * out["b"]
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able fields plus the stacked vectors ``a [T, in]`` and ``b [T, out]``."""
         return {
