@@ -1,5 +1,5 @@
-"""bench/accuracy.py and bench/schedule.py: real CLI runs on a tiny offline model, caching,
-tables and plots."""
+"""bench/accuracy.py, bench/schedule.py and bench/gradient_directions.py: real CLI runs on a
+tiny offline model, caching, tables and plots."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import accuracy
+import gradient_directions
 import schedule
+import torch
 
 
 @pytest.mark.slow
@@ -159,3 +162,43 @@ def test_schedule_table_escapes_a_regex_pipe_so_every_row_keeps_its_six_cells(tm
     # Cells split on unescaped pipes only, as a markdown renderer does.
     assert [len(re.split(r"(?<!\\)\|", row)) - 2 for row in rows] == [6, 6]
     assert rows[0].split(" | ")[-1] == "+0.1000 |"
+
+
+def test_gradient_directions_see_an_outlier_input_feature_take_over_v1():
+    """A gradient ``dy^T x`` whose input has one feature 30x louder than the rest has its top
+    right singular vector on that feature (share ~1, a large output ratio) and the same one for
+    another batch; without the outlier, v1 is spread out and two batches disagree."""
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(loud: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(256, 64, generator=gen)
+        x[:, 7] *= loud
+        return torch.randn(256, 48, generator=gen).T @ x, x
+
+    (g0, x0), (g1, _) = batch(30.0), batch(30.0)
+    loud = gradient_directions.direction_stats((g0, g1), x0)
+    assert loud["v1_top5_share"] > 0.95 and loud["v1_batch_cos"] > 0.95
+    assert loud["input_outlier_ratio"] > 20 and loud["output_ratio"] > 5
+    (g0, x0), (g1, _) = batch(1.0), batch(1.0)
+    quiet = gradient_directions.direction_stats((g0, g1), x0)
+    assert quiet["v1_top5_share"] < 0.5 and quiet["v1_batch_cos"] < 0.5
+    assert quiet["input_outlier_ratio"] < 2 and quiet["output_ratio"] < 2
+    assert 0 <= quiet["u1_batch_cos"] < 0.5
+
+
+def test_gradient_directions_report_has_a_row_per_linear_layer(
+    tiny_folder, sentiment_csv, tmp_path
+):
+    argv = ["--model", str(tiny_folder / "bert"), "--data", str(sentiment_csv)]
+    stats = gradient_directions.main([*argv, "--max-length", "16", "--out", str(tmp_path)])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_folder / "bert", num_labels=2)
+    linear = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "classifier"
+    }
+    assert set(stats) == linear
+    assert all(0 < s["v1_top5_share"] <= 1 + 1e-9 and s["output_ratio"] > 0 for s in stats.values())
+    saved = json.loads((tmp_path / "gradient_directions.json").read_text())
+    assert saved["layers"] == stats
+    rows = [r for r in (tmp_path / "gradient_directions.md").read_text().splitlines() if "| " in r]
+    assert len(rows) == 1 + len(linear) + 1  # header, a row per layer, the mean
+    assert (tmp_path / "gradient_directions.png").stat().st_size > 5000
