@@ -35,10 +35,12 @@ demo: $(STAMP)
 	$(PY) -m xgblora_fast.cli finetune --output runs/demo --export-lora runs/demo/adapter
 
 # The accuracy study (XGBLoRA vs a COLA-style chain vs LoRA r=1/r=8 vs full fine-tuning, 3 seeds,
-# cached per run) and the XGBLoRA schedule search (one factor at a time, seed 0); ~1.5 h each.
+# cached per run), the XGBLoRA schedule search (one factor at a time, seed 0; ~1.5 h each) and
+# where the gradient init points (~20 s).
 accuracy: $(STAMP)
 	$(PY) bench/accuracy.py
 	$(PY) bench/schedule.py
+	$(PY) bench/gradient_directions.py
 
 # Precision of repeated merges (nearest / stochastic / Kahan / fp32 master vs float64; ~30 s on
 # 2 CPU cores): bench/results/precision.{json,md,png}.
