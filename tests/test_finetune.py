@@ -85,7 +85,7 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
         assert change["path_mean"] > change["mean"]
         assert len(rounds) == 60 // 10
         # Every layer is active in all 6 rounds here: 5 successive pairs per layer.
-        cosines = change["successive_cosine"]
+        cosines = summary["successive_cosine"]
         assert cosines["pairs"] == 5 * len(expected)
         assert (
             -1 <= cosines["piece"] <= 1 and 0 < cosines["a_abs"] <= 1 and 0 < cosines["b_abs"] <= 1
@@ -93,9 +93,18 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
         assert summary["trainable_params_per_step"] < summary["cumulative_trainable_params"]
 
 
-def test_finetune_merged_model_reproduces_the_run_accuracy(tiny_folder, sentiment_csv, tmp_path):
+def test_finetune_merged_model_reproduces_the_run_accuracy(
+    tiny_folder, sentiment_csv, tmp_path, monkeypatch
+):
     cfg = config(tiny_folder, sentiment_csv, tmp_path, dtype="bfloat16", steps=30, eval_every=0)
+    cfg.measure_weight_change = False  # then the base checkpoint is not read again
+
+    def no_read(*args):
+        raise AssertionError("weight_change ran although it was switched off")
+
+    monkeypatch.setattr(finetune, "weight_change", no_read)
     summary = finetune.run(cfg)
+    assert "weight_change" not in summary and summary["successive_cosine"]["pairs"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
     assert model.dtype == torch.bfloat16  # saved in the base dtype
     tokenizer = BertTokenizerFast.from_pretrained(tmp_path / "run" / "model")

@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip writing the merged model",
     )
     g.add_argument(
+        "--measure-weight-change",
+        action=argparse.BooleanOptionalAction,
+        default=d.measure_weight_change,
+        help="|W - W0| / |W0| per layer in summary.json (reads the base checkpoint again)",
+    )
+    g.add_argument(
         "--export-lora",
         default=None,
         metavar="DIR",

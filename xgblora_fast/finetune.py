@@ -79,6 +79,8 @@ class FinetuneConfig:
     stop_after: int | None = None  # end this job early (a time-limited slot); resume continues
     save_model: bool = True
     export_lora: str | None = None  # folder for the fine-tune as a peft LoRA adapter (xgblora)
+    # |W - W0| / |W0| per layer in the summary: reads the base checkpoint once more at the end.
+    measure_weight_change: bool = True
     xgblora: XGBLoRAConfig = dataclasses.field(
         default_factory=lambda: XGBLoRAConfig(
             target_modules=DEFAULT_TARGETS,
@@ -354,7 +356,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.export_lora:  # before plain_model, which ejects the boosted layers
         export_lora(booster, cfg.export_lora)
     model = plain_model(model, booster, cfg)
-    change = weight_change(model, cfg.model or data_mod.default_model_path())
+    if booster is not None:
+        summary["successive_cosine"] = successive_cosine(booster)
+    base = cfg.model or data_mod.default_model_path()
+    change = weight_change(model, base) if cfg.measure_weight_change else {}
     if change:
         summary["weight_change"] = {"mean": sum(change.values()) / len(change), "layers": change}
         if booster is not None:  # the length of the path the rounds took: net <= path
@@ -364,7 +369,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                     path[name] += relative
             summary["weight_change"]["path_mean"] = sum(path.values()) / len(path)
             summary["weight_change"]["path_layers"] = path
-            summary["weight_change"]["successive_cosine"] = successive_cosine(booster)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_run(summary, booster, out / "training.png")
     if cfg.save_model:  # the original architecture, keys and dtype (plus the tokenizer)
