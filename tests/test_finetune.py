@@ -50,6 +50,7 @@ def config(tiny_folder, sentiment_csv, tmp_path, **kw):
 def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp_path, method, lr):
     summary = finetune.run(config(tiny_folder, sentiment_csv, tmp_path, method=method, lr=lr))
     assert summary["after"]["accuracy"] >= 0.9
+    assert summary["after"]["auc"] >= 0.9 and 0 <= summary["before"]["auc"] <= 1
     assert summary["after"]["accuracy"] > summary["before"]["accuracy"] + 0.2
     run = tmp_path / "run"
     saved = json.loads((run / "summary.json").read_text())
@@ -263,3 +264,18 @@ def test_lr_schedule_warms_up_then_follows_its_shape(schedule, quarter, end):
     assert cli.config_from_args(parsed).lr_schedule == schedule
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         finetune.FinetuneConfig(lr_schedule="step")
+
+
+def test_binary_auc_matches_counting_every_pair():
+    """Ties included (integer scores): the rank formula equals the pairwise count, a perfect
+    ranking gives 1, a reversed one 0, and one class alone gives NaN."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (200,), generator=gen).float()
+    labels = (torch.rand(200, generator=gen) < 0.4).long()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert finetune.binary_auc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
+    ordered = torch.arange(10.0)
+    assert finetune.binary_auc(ordered, (ordered >= 5).long()) == 1.0
+    assert finetune.binary_auc(ordered, (ordered < 5).long()) == 0.0
+    assert math.isnan(finetune.binary_auc(ordered, torch.ones(10, dtype=torch.long)))

@@ -225,10 +225,11 @@ def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
 # ---------------------------------------------------------------- evaluate
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, cfg: FinetuneConfig, batch_size: int = 128) -> dict:
-    """Seq-cls: accuracy and loss; causal LM: loss and perplexity."""
+    """Seq-cls: accuracy and loss (two classes: also the AUC); causal LM: loss and perplexity."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
+    margins, labels = [], []
     for i in range(0, len(rows), batch_size):
         enc = encode(tokenizer, rows[i : i + batch_size], cfg.max_length, cfg.task)
         out = model(**enc)
@@ -236,14 +237,33 @@ def evaluate(model, tokenizer, rows, cfg: FinetuneConfig, batch_size: int = 128)
         total_loss += float(out.loss) * n
         if cfg.task == "seq-cls":
             correct += int((out.logits.argmax(-1) == enc["labels"]).sum())
+            if out.logits.shape[-1] == 2:
+                margins.append((out.logits[:, 1] - out.logits[:, 0]).float())
+                labels.append(enc["labels"])
         count += n
     model.train(was_training)
     result = {"loss": total_loss / count}
     if cfg.task == "seq-cls":
         result["accuracy"] = correct / count
+        if margins:
+            result["auc"] = binary_auc(torch.cat(margins), torch.cat(labels))
     else:
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
     return result
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative (ties count half), from average ranks. ``scores [N]`` float, ``labels [N]`` 0/1.
+    NaN when one class is missing. Threshold-free, unlike accuracy."""
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based, ties share their mean rank
+    positive = labels.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return (float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 # ---------------------------------------------------------------- run
