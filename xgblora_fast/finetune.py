@@ -378,8 +378,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     model = plain_model(model, booster, cfg)
     if booster is not None:
         summary["successive_cosine"] = successive_cosine(booster)
-    base = cfg.model or data_mod.default_model_path()
-    change = weight_change(model, base) if cfg.measure_weight_change else {}
+    change = {}
+    if cfg.measure_weight_change:
+        change = weight_change(model, cfg.model or data_mod.default_model_path())
     if change:
         summary["weight_change"] = {"mean": sum(change.values()) / len(change), "layers": change}
         if booster is not None:  # the length of the path the rounds took: net <= path

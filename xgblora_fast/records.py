@@ -110,8 +110,8 @@ class MergeRecord:
         ``out x in`` matrices, ``<P_t, P_{t-1}>_F = alpha_t alpha_{t-1} s^2 (a_t . a_{t-1})
         (b_t . b_{t-1})``, computed from the vectors (no matrix is formed): negative when a round
         undoes the last one, near 0 for unrelated directions. ``"a"``, ``"b"``: the cosines of
-        the input and output vectors alone (their signs are arbitrary, only their product's is
-        not). Empty tensors for fewer than two merges.
+        the input vectors and of the scaled output vectors ``alpha_t s b_t`` alone (each sign is
+        arbitrary, their product's is not; ``piece = a * b``). Empty for fewer than two merges.
         """
         up, down = self.factors()
         out = {}
