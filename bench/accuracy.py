@@ -3,8 +3,10 @@
 Every run has the same total optimizer steps, batch size and data order (per seed), runs in its
 own process (so its peak resident memory is its own) and is the ``xgblora-fast finetune`` CLI.
 Runs are cached by ``(method, steps, seed)`` in ``accuracy.json``, so budgets and seeds can be
-added across sessions; ``accuracy.md`` has one table per budget, ``accuracy.png`` one panel,
-``accuracy_curves.png`` the training loss (means of 10 steps) of the runs that recorded it.
+added across sessions; ``accuracy.md`` has a table across budgets (every seed's accuracy) and
+one table per budget, ``accuracy.png`` one panel per budget, ``accuracy_budgets.png`` accuracy
+against steps, ``accuracy_curves.png`` the training loss (means of 10 steps) of the runs that
+recorded it.
 XGBLoRA variants one factor at a time are ``bench/schedule.py``'s job.
 
     python bench/accuracy.py                          # 200 steps, seeds 0 1 2 (~1.5 h, 2 cores)
@@ -160,6 +162,7 @@ def write_report(results: dict, out: Path) -> None:
         "it; runs before it was measured show -). Options per method: "
         "`bench/accuracy.py`.",
     ]
+    lines += across_budgets(results["runs"])
     for steps, methods in by_budget(results["runs"]).items():
         lora1 = methods.get("LoRA r=1 (peft)")
         lines += [
@@ -192,7 +195,44 @@ def write_report(results: dict, out: Path) -> None:
         lines += [f"- {name}: {source}" for name, source in sorted(borrowed.items())]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "accuracy.png")
+    plot_budgets(results, out / "accuracy_budgets.png")
     plot_curves(results, out / "accuracy_curves.png")
+
+
+def by_method(runs: dict[str, dict]) -> dict[str, dict[int, list[dict]]]:
+    """``{method: {steps: [run per seed, in seed order]}}``, the transpose of ``by_budget``."""
+    table: dict[str, dict[int, list[dict]]] = {}
+    for steps, methods in by_budget(runs).items():
+        for name, method_runs in methods.items():
+            table.setdefault(name, {})[steps] = method_runs
+    order = {name: i for i, name in enumerate(METHODS)}
+    return dict(sorted(table.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def across_budgets(runs: dict[str, dict]) -> list[str]:
+    """Markdown lines: one row per method, one column per budget, with every seed's accuracy."""
+    budgets = list(by_budget(runs))
+    lines = [
+        "",
+        "## Across budgets",
+        "",
+        "Accuracy as mean ± sd, then each seed's (seed: accuracy); - where not run.",
+        "",
+        "| method | " + " | ".join(f"{steps} steps" for steps in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for name, per_budget in by_method(runs).items():
+        cells = []
+        for steps in budgets:
+            method_runs = per_budget.get(steps, [])
+            if not method_runs:
+                cells.append("-")
+                continue
+            acc = mean_sd([r["after"]["accuracy"] for r in method_runs])
+            seeds = ", ".join(f"{r['seed']}: {r['after']['accuracy']:.4f}" for r in method_runs)
+            cells.append(f"{acc[0]:.4f} ± {acc[1]:.4f} ({seeds})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -216,6 +256,41 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(min(m for m, _ in stats) - 0.05, max(m for m, _ in stats) + 0.03)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{steps} steps, same data order (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_budgets(results: dict, path: Path) -> None:
+    """Accuracy against the number of steps, one line per method (mean ± sd, seeds as dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    methods = by_method(results["runs"])
+    for i, (name, per_budget) in enumerate(methods.items()):
+        steps = list(per_budget)
+        # Methods side by side at each budget (a few % apart on the log axis), not on top.
+        shift = 1 + 0.025 * (i - (len(methods) - 1) / 2)
+        x = [s * shift for s in steps]
+        stats = [mean_sd([r["after"]["accuracy"] for r in per_budget[s]]) for s in steps]
+        line = ax.errorbar(
+            x, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3,
+            label=name,
+        )  # fmt: skip
+        for s, xs in zip(steps, x, strict=True):
+            accs = [r["after"]["accuracy"] for r in per_budget[s]]
+            ax.plot([xs] * len(accs), accs, ".", color=line[0].get_color(), alpha=0.5)
+    ax.set_xscale("log")
+    budgets = list(by_budget(results["runs"]))
+    ax.set_xticks(budgets, [str(s) for s in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("optimizer steps (batch 32, same data order per seed)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy by budget: mean ± sd over seeds, each seed a dot")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

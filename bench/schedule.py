@@ -100,6 +100,10 @@ VARIANTS: dict[str, list[str]] = {
     "lr 2e-3": ["--lr", "2e-3"],
     "kappa 25": ["--kappa", "25"],
     "L_s all (COLA-style chain)": ["--layers-per-round", "1.0"],
+    # The chain without restarts (one round of 200 steps is rank-1 LoRA on our layers), and
+    # in between: how much of the chain's gap to LoRA r=1 the restarts themselves cost.
+    "L_s all, kappa 50": ["--layers-per-round", "1.0", "--kappa", "50"],
+    "L_s all, kappa 200 (no restart in 200 steps)": ["--layers-per-round", "1.0", "--kappa", "200"],
     "rewarm 3": ["--rewarm-steps", "3"],
     # bf16 base weights, where the merge rounding matters (fp32 merges are exact-nearest).
     "gradient init + select, bf16, nearest": [

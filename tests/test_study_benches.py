@@ -147,6 +147,29 @@ def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tm
     assert "- b: schedule.py" in md and "- a:" not in md
 
 
+def test_accuracy_report_has_every_seed_of_every_method_across_budgets(tmp_path):
+    """The summary table puts each method on one row (in METHODS order, whatever order the runs
+    came in) with a cell per budget holding the mean, sd and every seed; "-" where not run."""
+    lora, xgb = "LoRA r=1 (peft)", "XGBLoRA (defaults)"
+    runs = {}
+    for name, steps, seed, acc in [
+        (lora, 200, 1, 0.80), (lora, 200, 0, 0.82), (xgb, 1000, 0, 0.83), (xgb, 200, 0, 0.71),
+    ]:  # fmt: skip
+        runs[accuracy.key(name, steps, seed)] = {
+            "name": name, "steps": steps, "seed": seed, "before": {"accuracy": 0.5},
+            "after": {"accuracy": acc}, "trainable_params_per_step": 1,
+            "cumulative_trainable_params": 1, "seconds_per_step": 1.0, "peak_rss_mib": 1.0,
+        }  # fmt: skip
+    accuracy.write_report({"batch_size": 32, "runs": runs}, tmp_path)
+    md = (tmp_path / "accuracy.md").read_text().splitlines()
+    header = md.index("| method | 200 steps | 1000 steps |")
+    assert md[header + 2] == (
+        "| XGBLoRA (defaults) | 0.7100 ± 0.0000 (0: 0.7100) | 0.8300 ± 0.0000 (0: 0.8300) |"
+    )
+    assert md[header + 3] == "| LoRA r=1 (peft) | 0.8100 ± 0.0141 (0: 0.8200, 1: 0.8000) | - |"
+    assert (tmp_path / "accuracy_budgets.png").stat().st_size > 5000
+
+
 def test_schedule_table_escapes_a_regex_pipe_so_every_row_keeps_its_six_cells(tmp_path):
     runs = {
         "a": {"variant": "defaults, no pooler", "steps": 5, "after": {"accuracy": 0.8}},
