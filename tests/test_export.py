@@ -498,6 +498,19 @@ def test_merge_record_successive_cosines_match_the_dense_pieces():
     assert cosines["a"][3] == pytest.approx(1.0, abs=1e-6)
     unit = record.a.double() / record.a.double().norm(dim=1, keepdim=True)
     assert torch.allclose(cosines["a"], (unit[1:] * unit[:-1]).sum(1), atol=1e-12)
+    # Two merges apart: P_4 undid P_3, so it meets P_2 with the opposite sign of P_3 and P_2.
+    lag2 = record.successive_cosines(lag=2)
+    dense2 = [
+        float((p * q).sum() / (p.norm() * q.norm()))
+        for p, q in zip(pieces[2:], pieces[:-2], strict=True)
+    ]
+    dense2 = torch.tensor(dense2, dtype=torch.float64)
+    assert torch.allclose(lag2["piece"], dense2, rtol=1e-6, atol=1e-7)  # float32 vectors
+    assert lag2["piece"][2] == pytest.approx(-float(cosines["piece"][2]), abs=1e-6)
+    assert record.successive_cosines(lag=4)["piece"].shape == (1,)
+    assert all(v.numel() == 0 for v in record.successive_cosines(lag=5).values())
+    with pytest.raises(ValueError, match="lag"):
+        record.successive_cosines(lag=0)
     one = MergeRecord.for_layer(layer)
     one.add(0, 1.0, layer, "nearest")
     assert all(v.numel() == 0 for v in one.successive_cosines().values())

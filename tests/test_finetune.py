@@ -91,6 +91,10 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
         assert (
             -1 <= cosines["piece"] <= 1 and 0 < cosines["a_abs"] <= 1 and 0 < cosines["b_abs"] <= 1
         )
+        # Lags 1-4 (6 merges per layer leave pairs at each); lag 1 is the successive mean.
+        assert list(cosines["piece_by_lag"]) == ["1", "2", "3", "4"]
+        assert cosines["piece_by_lag"]["1"] == pytest.approx(cosines["piece"], rel=1e-12)
+        assert all(-1 <= c <= 1 for c in cosines["piece_by_lag"].values())
         assert summary["trainable_params_per_step"] < summary["cumulative_trainable_params"]
 
 

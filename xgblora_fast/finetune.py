@@ -442,23 +442,35 @@ def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
     return change
 
 
-def successive_cosine(booster: Booster) -> dict[str, float]:
-    """How each layer's merged pieces relate to the previous one, averaged over every pair.
+COSINE_LAGS = (1, 2, 3, 4)
+
+
+def successive_cosine(booster: Booster) -> dict[str, Any]:
+    """How each layer's merged pieces relate to the previous ones, averaged over every pair.
 
     ``piece``: the mean cosine between successive pieces ``P_t``, ``P_{t-1}`` of a layer (near
     0: new directions each round; negative: rounds undoing each other); ``a_abs``, ``b_abs``:
-    the mean ``|cos|`` of their input and output vectors (``MergeRecord.successive_cosines``).
+    the mean ``|cos|`` of their input and output vectors (``MergeRecord.successive_cosines``);
+    ``piece_by_lag``: ``{lag: mean cosine of P_t and P_{t-lag}}`` for ``COSINE_LAGS`` (a
+    zig-zag shows as about 0 at lag 1 and positive at lag 2), lags with no pair left out.
     Empty when no layer was merged twice.
     """
-    pairs = [r.successive_cosines() for r in booster.records.values() if len(r.rounds) > 1]
+    records = list(booster.records.values())
+    pairs = [r.successive_cosines() for r in records if len(r.rounds) > 1]
     if not pairs:
         return {}
     a, b, piece = (torch.cat([p[key] for p in pairs]) for key in ("a", "b", "piece"))
+    by_lag = {}
+    for lag in COSINE_LAGS:
+        lagged = [r.successive_cosines(lag)["piece"] for r in records if len(r.rounds) > lag]
+        if lagged:
+            by_lag[str(lag)] = float(torch.cat(lagged).mean())
     return {
         "piece": float(piece.mean()),
         "a_abs": float(a.abs().mean()),
         "b_abs": float(b.abs().mean()),
         "pairs": len(piece),
+        "piece_by_lag": by_lag,
     }
 
 

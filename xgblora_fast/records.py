@@ -103,21 +103,26 @@ class MergeRecord:
         scales = torch.tensor([step * self.alpha for step in self.steps], dtype=torch.float32)
         return self.b.T * scales, self.a.clone()
 
-    def successive_cosines(self) -> dict[str, torch.Tensor]:
-        """How each merged piece relates to the one merged before it: ``[T - 1]`` float64 each.
+    def successive_cosines(self, lag: int = 1) -> dict[str, torch.Tensor]:
+        """How each merged piece relates to the one ``lag`` merges before it: ``[T - lag]``
+        float64 each.
 
-        ``"piece"``: the cosine between ``P_t = alpha_t s b_t a_t^T`` and ``P_{t-1}`` as
-        ``out x in`` matrices, ``<P_t, P_{t-1}>_F = alpha_t alpha_{t-1} s^2 (a_t . a_{t-1})
-        (b_t . b_{t-1})``, computed from the vectors (no matrix is formed): negative when a round
-        undoes the last one, near 0 for unrelated directions. ``"a"``, ``"b"``: the cosines of
-        the input vectors and of the scaled output vectors ``alpha_t s b_t`` alone (each sign is
-        arbitrary, their product's is not; ``piece = a * b``). Empty for fewer than two merges.
+        ``"piece"``: the cosine between ``P_t = alpha_t s b_t a_t^T`` and ``P_{t-lag}`` as
+        ``out x in`` matrices, ``<P_t, P_{t-k}>_F = alpha_t alpha_{t-k} s^2 (a_t . a_{t-k})
+        (b_t . b_{t-k})``, computed from the vectors (no matrix is formed): negative when a round
+        undoes an earlier one, near 0 for unrelated directions. Steepest descent with exact line
+        search zig-zags with 0 at lag 1 and positive cosines at lag 2: look at both.
+        ``"a"``, ``"b"``: the cosines of the input vectors and of the scaled output vectors
+        ``alpha_t s b_t`` alone (each sign is arbitrary, their product's is not;
+        ``piece = a * b``). Empty for ``lag`` or fewer merges.
         """
+        if lag < 1:
+            raise ValueError(f"lag must be >= 1, got {lag}")
         up, down = self.factors()
         out = {}
         for key, vectors in (("a", down.double()), ("b", up.T.double())):
             unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            out[key] = (unit[1:] * unit[:-1]).sum(dim=1)
+            out[key] = (unit[lag:] * unit[:-lag]).sum(dim=1)
         out["piece"] = out["a"] * out["b"]
         return out
 
