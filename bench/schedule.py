@@ -90,6 +90,8 @@ VARIANTS: dict[str, list[str]] = {
     "defaults, no pooler, all blocks": [*DEFAULTS, *NO_POOLER, "--layers-per-round", "1.0"],
     # Longer budgets: fewer, less noisy rank-1 pieces; Adam's scale kept across merges.
     "defaults, kappa 20": [*DEFAULTS, "--kappa", "20"],
+    "defaults, kappa 200 (no restart in 200 steps)": [*DEFAULTS, "--kappa", "200"],
+    "defaults, random init": [*DEFAULTS, "--booster-init", "random"],
     "defaults, reset momentum": [*DEFAULTS, "--optimizer-reset", "momentum"],
     # XGBLoRA moves W 3x less than LoRA r=1 (200 steps): a run-long lr without the decay.
     "defaults, constant lr": [*DEFAULTS, "--lr-schedule", "constant"],
