@@ -455,21 +455,25 @@ def successive_cosine(booster: Booster) -> dict[str, Any]:
     zig-zag shows as about 0 at lag 1 and positive at lag 2), lags with no pair left out.
     Empty when no layer was merged twice.
     """
-    records = list(booster.records.values())
-    pairs = [r.successive_cosines() for r in records if len(r.rounds) > 1]
-    if not pairs:
-        return {}
-    a, b, piece = (torch.cat([p[key] for p in pairs]) for key in ("a", "b", "piece"))
-    by_lag = {}
+    by_lag: dict[str, float] = {}
+    successive: dict[str, torch.Tensor] = {}
     for lag in COSINE_LAGS:
-        lagged = [r.successive_cosines(lag)["piece"] for r in records if len(r.rounds) > lag]
-        if lagged:
-            by_lag[str(lag)] = float(torch.cat(lagged).mean())
+        cosines = [
+            r.successive_cosines(lag) for r in booster.records.values() if len(r.rounds) > lag
+        ]
+        if not cosines:  # the lags grow: no layer has pairs further apart either
+            break
+        joined = {key: torch.cat([c[key] for c in cosines]) for key in ("a", "b", "piece")}
+        if lag == 1:  # the successive pieces themselves
+            successive = joined
+        by_lag[str(lag)] = float(joined["piece"].mean())
+    if not successive:
+        return {}
     return {
-        "piece": float(piece.mean()),
-        "a_abs": float(a.abs().mean()),
-        "b_abs": float(b.abs().mean()),
-        "pairs": len(piece),
+        "piece": by_lag["1"],
+        "a_abs": float(successive["a"].abs().mean()),
+        "b_abs": float(successive["b"].abs().mean()),
+        "pairs": len(successive["piece"]),
         "piece_by_lag": by_lag,
     }
 
