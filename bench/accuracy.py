@@ -36,6 +36,10 @@ CURVE_WINDOW = 10  # steps per point of a run's recorded training-loss curve
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
     "XGBLoRA (defaults)": ["--method", "xgblora"],
+    # The defaults with the gradient init in the first 20 rounds only, then random a.
+    "XGBLoRA (defaults, gradient init in 20 rounds)": [
+        "--method", "xgblora", "--booster-init", "gradient", "--gradient-init-rounds", "20",
+    ],
     # Earlier defaults, pinned: what the schedule search (bench/schedule.py) moved on from.
     "XGBLoRA (gradient init + select, L_s 0.5)": [
         "--method", "xgblora", "--layers-per-round", "0.5", "--booster-init", "gradient",

@@ -62,6 +62,10 @@ def test_config_validation():
         xf.XGBLoRAConfig(optimizer_reset="half")
     with pytest.raises(ValueError, match="not both"):
         xf.XGBLoRAConfig(rounds=3, total_steps=30)
+    with pytest.raises(ValueError, match="gradient_init_rounds must be >= 1"):
+        xf.XGBLoRAConfig(gradient_init_rounds=0)
+    with pytest.raises(ValueError, match="needs booster_init='gradient'"):
+        xf.XGBLoRAConfig(booster_init="random", gradient_init_rounds=5)
     cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, layers_per_round=2)
     assert cfg.planned_steps == 21
     assert xf.XGBLoRAConfig.from_dict(cfg.to_dict()) == cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -172,6 +174,23 @@ def test_gradient_init_points_a_along_the_top_singular_vector_and_sets_exact_gra
     booster.step()
     # Steps after the first of a round are plain training (the probe is gone).
     assert booster._init_probe is None
+
+
+def test_gradient_init_rounds_limits_the_gradient_init_to_the_first_rounds():
+    common = dict(target_modules=["0", "2"], kappa=2, layers_per_round=2, select="uniform", seed=3)
+    limited = xf.XGBLoRAConfig(booster_init="gradient", gradient_init_rounds=2, **common)
+    # Two rounds: merged and re-drawn, the boosters now start round 2 from the same random
+    # draw as a run that never used the gradient (same seed, same draws, same layers).
+    guided, plain = _train(limited, 4), _train(xf.XGBLoRAConfig(booster_init="random", **common), 4)
+    assert [h["active"] for h in guided.history] == [h["active"] for h in plain.history]
+    for name, layer in guided.layers.items():
+        torch.testing.assert_close(layer.lora_a, plain.layers[name].lora_a, rtol=0, atol=0)
+    assert guided._init_probe is None  # round 2 sets no gradient-init probe
+    # The first two rounds were gradient-initialised, the later ones were not.
+    history = _train(limited, 8).history
+    assert [bool(h["gradient_sigma"]) for h in history] == [True, True, False, False]
+    everywhere = _train(dataclasses.replace(limited, gradient_init_rounds=None), 8).history
+    assert all(h["gradient_sigma"] for h in everywhere)
 
 
 def test_gradient_init_without_an_attached_optimizer_raises():

@@ -82,6 +82,10 @@ class XGBLoRAConfig:
             the random draw; ``power_iters`` power iterations over the step's activations), so
             the booster starts along the best rank-1 descent direction. Needs
             ``attach(optimizer)`` (it acts just before ``optimizer.step()``).
+        gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
+            from the gradient; later rounds keep the random ``a`` (None: every round). The
+            gradient direction speeds up the first rounds; later, when the loss surface is
+            flatter, the random directions explore more of the weight space.
         select: ``"gradient"`` (default: probability proportional to the unit's weight-gradient
             norm, estimated in the previous round's last step from a 4-direction sketch; round
             0 is uniform) or ``"uniform"`` (the paper's recipe). The defaults are the measured
@@ -119,6 +123,7 @@ class XGBLoRAConfig:
     rounding: str = "nearest"
     init: str = "kaiming"
     booster_init: str = "gradient"
+    gradient_init_rounds: int | None = None
     select: str = "gradient"
     power_iters: int = 4
     weight_decay: float = 1e-4
@@ -154,6 +159,13 @@ class XGBLoRAConfig:
             raise ValueError(
                 f"optimizer_reset must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}"
             )
+        if self.gradient_init_rounds is not None:
+            if self.booster_init != "gradient":
+                raise ValueError("gradient_init_rounds needs booster_init='gradient'")
+            if self.gradient_init_rounds < 1:
+                raise ValueError(
+                    f"gradient_init_rounds must be >= 1 or None, got {self.gradient_init_rounds}"
+                )
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.total_steps is not None and self.rounds is not None:
@@ -360,12 +372,18 @@ class Booster:
         """Hook what the next training step must capture (nothing, for the defaults)."""
         cfg = self.config
         self._disarm_probes()
-        if cfg.booster_init == "gradient" and self.step_in_round == 0:
+        if self._gradient_init_round() and self.step_in_round == 0:
             self._init_probe = GradientProbe({n: self.layers[n] for n in self.active})
         if cfg.select == "gradient" and self.step_in_round == cfg.kappa - 1:
             # Seeded per round: every rank sketches with the same directions.
             sketch = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.round)
             self._norm_probe = GradientProbe(self.layers, sketch=sketch)
+
+    def _gradient_init_round(self) -> bool:
+        """Whether the current round's boosters start from the gradient."""
+        cfg = self.config
+        limit = cfg.gradient_init_rounds
+        return cfg.booster_init == "gradient" and (limit is None or self.round < limit)
 
     def _disarm_probes(self) -> None:
         for probe in (self._init_probe, self._norm_probe):

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=x.select,
         help="how rounds pick their units: uniformly or by gradient norm",
     )
+    g.add_argument(
+        "--gradient-init-rounds",
+        type=int,
+        default=x.gradient_init_rounds,
+        help="with --booster-init gradient: only the first N rounds (default: every round)",
+    )
     g.add_argument("--power-iters", type=int, default=x.power_iters, help="for --booster-init")
     g.add_argument(
         "--verify-replicas",
