@@ -83,9 +83,10 @@ class XGBLoRAConfig:
             the booster starts along the best rank-1 descent direction. Needs
             ``attach(optimizer)`` (it acts just before ``optimizer.step()``).
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
-            from the gradient; later rounds keep the random ``a`` (None: every round). The
-            gradient direction speeds up the first rounds; later, when the loss surface is
-            flatter, the random directions explore more of the weight space.
+            from the gradient; later rounds keep the random ``a`` (None: every round). Demo
+            task, 1000 steps, 3 seeds: 20 rounds 0.825 +- 0.006, every round 0.821 +- 0.002
+            (the README's accuracy section). A layer's successive gradient-init ``a`` repeat
+            (mean |cos| 0.53 at 200 steps; random draws 0.04); random ones explore more.
         select: ``"gradient"`` (default: probability proportional to the unit's weight-gradient
             norm, estimated in the previous round's last step from a 4-direction sketch; round
             0 is uniform) or ``"uniform"`` (the paper's recipe). The defaults are the measured
