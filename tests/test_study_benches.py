@@ -227,3 +227,23 @@ def test_gradient_directions_report_has_a_row_per_linear_layer(
     rows = [r for r in (tmp_path / "gradient_directions.md").read_text().splitlines() if "| " in r]
     assert len(rows) == 1 + len(linear) + 1  # header, a row per layer, the mean
     assert (tmp_path / "gradient_directions.png").stat().st_size > 5000
+
+
+def test_every_study_method_and_variant_is_a_valid_command_line():
+    """A typo or a contradictory option in a study entry fails here, not hours into a study."""
+    from xgblora_fast import cli
+
+    lines = {f"method {n}": o for n, o in accuracy.METHODS.items()}
+    lines |= {f"variant {n}": [*schedule.BASE, *o] for n, o in schedule.VARIANTS.items()}
+    for name, options in lines.items():
+        try:
+            cli.config_from_args(cli.build_parser().parse_args(["finetune", *options]))
+        except (SystemExit, ValueError, TypeError) as error:
+            pytest.fail(f"{name}: {options} is not a valid finetune command line: {error!r}")
+    # The check can fail: a contradictory entry is caught.
+    with pytest.raises(ValueError, match="gradient_init_rounds"):
+        cli.config_from_args(
+            cli.build_parser().parse_args(
+                ["finetune", "--booster-init", "random", "--gradient-init-rounds", "3"]
+            )
+        )
