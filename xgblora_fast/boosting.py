@@ -86,7 +86,7 @@ class XGBLoRAConfig:
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds: 20 rounds 0.825 +- 0.006, every round 0.821 +- 0.002
             (the README's accuracy section). A layer's successive gradient-init ``a`` repeat
-            (mean |cos| 0.53 at 200 steps; random draws 0.04); random ones explore more.
+            (mean |cos| 0.53 at 200 steps; random draws: 0.04).
         select: ``"gradient"`` (default: probability proportional to the unit's weight-gradient
             norm, estimated in the previous round's last step from a 4-direction sketch; round
             0 is uniform) or ``"uniform"`` (the paper's recipe). The defaults are the measured
