@@ -60,6 +60,12 @@ METHODS = {
         "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
         "--layers-per-round", "1.0", "--booster-init", "random", "--rewarm-steps", "0",
     ],
+    # The chain with rounds that grow (10, 15, 22, ... steps: kappa 10 * 1.5**k).
+    "COLA-style chain, growing rounds (x1.5)": [
+        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
+        "--kappa-growth", "1.5", "--layers-per-round", "1.0", "--booster-init", "random",
+        "--rewarm-steps", "0",
+    ],
     "LoRA r=1 (peft)": ["--method", "lora", "--lora-rank", "1", "--lr", "5e-3"],
     "LoRA r=8 (peft)": ["--method", "lora", "--lora-rank", "8", "--lr", "2e-3"],
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],

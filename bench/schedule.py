@@ -92,6 +92,9 @@ VARIANTS: dict[str, list[str]] = {
     "defaults, kappa 20": [*DEFAULTS, "--kappa", "20"],
     "defaults, kappa 200 (no restart in 200 steps)": [*DEFAULTS, "--kappa", "200"],
     "defaults, random init": [*DEFAULTS, "--booster-init", "random"],
+    # Rounds that grow (kappa 10 * growth**k): short rounds early, few restarts later.
+    "defaults, kappa growth 1.3": [*DEFAULTS, "--kappa-growth", "1.3"],
+    "defaults, kappa growth 1.5": [*DEFAULTS, "--kappa-growth", "1.5"],
     "defaults, reset momentum": [*DEFAULTS, "--optimizer-reset", "momentum"],
     # XGBLoRA moves W 3x less than LoRA r=1 (200 steps): a run-long lr without the decay.
     "defaults, constant lr": [*DEFAULTS, "--lr-schedule", "constant"],
@@ -106,6 +109,9 @@ VARIANTS: dict[str, list[str]] = {
     # in between: how much of the chain's gap to LoRA r=1 the restarts themselves cost.
     "L_s all, kappa 50": ["--layers-per-round", "1.0", "--kappa", "50"],
     "L_s all, kappa 200 (no restart in 200 steps)": ["--layers-per-round", "1.0", "--kappa", "200"],
+    "L_s all, kappa growth 1.5": ["--layers-per-round", "1.0", "--kappa-growth", "1.5"],
+    "L_s all, kappa growth 1.3": ["--layers-per-round", "1.0", "--kappa-growth", "1.3"],
+    "L_s all, kappa growth 2": ["--layers-per-round", "1.0", "--kappa-growth", "2"],
     "rewarm 3": ["--rewarm-steps", "3"],
     # bf16 base weights, where the merge rounding matters (fp32 merges are exact-nearest).
     "gradient init + select, bf16, nearest": [

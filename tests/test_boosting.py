@@ -66,8 +66,12 @@ def test_config_validation():
         xf.XGBLoRAConfig(gradient_init_rounds=0)
     with pytest.raises(ValueError, match="needs booster_init='gradient'"):
         xf.XGBLoRAConfig(booster_init="random", gradient_init_rounds=5)
+    for growth in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="kappa_growth"):
+            xf.XGBLoRAConfig(kappa_growth=growth)
     cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, layers_per_round=2)
     assert cfg.planned_steps == 21
+    assert xf.XGBLoRAConfig(rounds=4, kappa=2, kappa_growth=1.5).planned_steps == 2 + 3 + 4 + 7
     assert xf.XGBLoRAConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -174,6 +178,23 @@ def test_history_records_what_reviewers_asked_for():
         for name in h["active"]:
             assert h["update_norm"][name] > 0
             assert 0 < h["relative_update"][name] < 1
+
+
+def test_rounds_grow_by_kappa_growth_and_probe_each_round_at_its_last_step():
+    cfg = xf.XGBLoRAConfig(kappa=2, kappa_growth=1.5, layers_per_round=2, select="gradient")
+    model, booster, optimizer = make_run(cfg)
+    armed = []
+    for step in range(16):
+        armed.append(booster._norm_probe is not None)
+        train(model, booster, optimizer, 1, start=step)
+    lengths = [end - start for start, end in (h["steps"] for h in booster.history)]
+    assert lengths == [2, 3, 4, 7]  # round(2 * 1.5**k)
+    # The selection sketch is taken in the last step of every round, however long it is.
+    assert [i for i, on in enumerate(armed) if on] == [1, 4, 8, 15]
+    assert all(h["unit_scores"] for h in booster.history)
+    # Far into a run the length stays an int (no float overflow); 1.0 keeps every round kappa.
+    assert cfg.round_length(10**6) >= 2**62
+    assert xf.XGBLoRAConfig(kappa=7).round_length(10**6) == 7
 
 
 def test_sampling_is_seeded():

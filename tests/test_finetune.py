@@ -160,6 +160,8 @@ def test_cli_maps_every_option(tmp_path):
             "q_proj, v_proj",
             "--kappa",
             "7",
+            "--kappa-growth",
+            "1.5",
             "--rounding",
             "nearest",
             "--gradient-init-rounds",
@@ -176,6 +178,7 @@ def test_cli_maps_every_option(tmp_path):
     assert cfg.xgblora.layers_per_round == 2 and isinstance(cfg.xgblora.layers_per_round, int)
     assert cfg.xgblora.target_modules == ["q_proj", "v_proj"]
     assert cfg.xgblora.kappa == 7 and cfg.xgblora.rounding == "nearest"
+    assert cfg.xgblora.kappa_growth == 1.5
     assert cfg.xgblora.gradient_init_rounds == 20
     assert cfg.xgblora.total_steps == 70 and cfg.steps == 70 and cfg.method == "lora"
     frac = cli.build_parser().parse_args(["finetune", "--layers-per-round", "0.5"])

@@ -63,11 +63,16 @@ class XGBLoRAConfig:
             or ``"all-linear"``).
         alpha: booster scale ``s`` in ``y = x W^T + s (x.a) b^T``.
         dropout: dropout on the boosters' input.
-        kappa: optimizer steps per round.
+        kappa: optimizer steps per round (of round 0, with ``kappa_growth``).
+        kappa_growth: round ``k`` lasts ``round(kappa * kappa_growth**k)`` steps (at least 1):
+            1.0 (default) keeps every round at ``kappa``; above 1 the rounds grow
+            geometrically, so a run of T steps has about ``log(T / kappa) / log(kappa_growth)``
+            rounds: short rounds while the gradient changes fast, fewer restarts later.
         layers_per_round: ``L_s``, an int count or a float fraction in (0, 1] of the units.
         sample_by: ``"block"`` (transformer blocks, all their targeted modules together) or
             ``"module"`` (individual linear layers).
-        total_steps / rounds: length of the run (give one; ``rounds * kappa`` steps). Only
+        total_steps / rounds: length of the run (give one; ``rounds`` rounds of
+            ``round_length`` steps). Only
             used for ``Booster.done`` and progress; the caller owns the loop.
         merge_step: the boosting step ``alpha_t``: ``W += merge_step * s b a^T``.
         rounding: merge rounding for fp16/bf16 weights (fp32: always nearest): ``"nearest"``
@@ -116,6 +121,7 @@ class XGBLoRAConfig:
     alpha: float = 1.0
     dropout: float = 0.0
     kappa: int = 10
+    kappa_growth: float = 1.0
     layers_per_round: int | float = 0.67
     sample_by: str = "block"
     total_steps: int | None = None
@@ -137,6 +143,8 @@ class XGBLoRAConfig:
     def __post_init__(self) -> None:
         if self.kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {self.kappa}")
+        if not math.isfinite(self.kappa_growth) or self.kappa_growth <= 0:
+            raise ValueError(f"kappa_growth must be finite and > 0, got {self.kappa_growth}")
         lps = self.layers_per_round
         if isinstance(lps, bool) or not isinstance(lps, (int, float)):
             raise TypeError(f"layers_per_round must be an int or a float, got {lps!r}")
@@ -178,8 +186,14 @@ class XGBLoRAConfig:
     def planned_steps(self) -> int | None:
         """Total optimizer steps of the run, when known."""
         if self.rounds is not None:
-            return self.rounds * self.kappa
+            return sum(self.round_length(k) for k in range(self.rounds))
         return self.total_steps
+
+    def round_length(self, round_index: int) -> int:
+        """Optimizer steps of round ``round_index`` (0-based): ``kappa * kappa_growth**k``."""
+        # In logs, capped: a long run of growing rounds must not overflow a float.
+        exponent = min(round_index * math.log(self.kappa_growth), 60.0)
+        return max(1, round(self.kappa * math.exp(exponent)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -352,7 +366,7 @@ class Booster:
                 "booster_init='gradient' acts just before optimizer.step(): call "
                 "booster.attach(optimizer) before training"
             )
-        ended = self.step_in_round >= self.config.kappa
+        ended = self.step_in_round >= self.config.round_length(self.round)
         if ended:
             self._end_round()
             self._begin_round()
@@ -375,7 +389,7 @@ class Booster:
         self._disarm_probes()
         if self._gradient_init_round() and self.step_in_round == 0:
             self._init_probe = GradientProbe({n: self.layers[n] for n in self.active})
-        if cfg.select == "gradient" and self.step_in_round == cfg.kappa - 1:
+        if cfg.select == "gradient" and self.step_in_round == cfg.round_length(self.round) - 1:
             # Seeded per round: every rank sketches with the same directions.
             sketch = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.round)
             self._norm_probe = GradientProbe(self.layers, sketch=sketch)

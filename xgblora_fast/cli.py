@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=x.dropout, help="dropout on booster input")
     g.add_argument("--kappa", type=int, default=x.kappa, help="optimizer steps per round")
     g.add_argument(
+        "--kappa-growth",
+        type=float,
+        default=x.kappa_growth,
+        help="round k lasts kappa * growth**k steps (1: every round kappa steps)",
+    )
+    g.add_argument(
         "--layers-per-round",
         type=_fraction_or_count,
         default=x.layers_per_round,
