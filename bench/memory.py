@@ -146,7 +146,15 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     booster = None
     if method.startswith("xgblora"):
         lps = 0.25 if method == "xgblora" else 1.0
-        cfg = xf.XGBLoRAConfig(target_modules="all-linear", layers_per_round=lps, kappa=KAPPA)
+        # The gradient init (an option) is pinned: its probes make it the larger of the two
+        # inits, so the figure bounds the default random init too.
+        cfg = xf.XGBLoRAConfig(
+            target_modules="all-linear",
+            layers_per_round=lps,
+            kappa=KAPPA,
+            kappa_growth=1.0,
+            booster_init="gradient",
+        )
         booster = xf.Booster(model, cfg)
         params = booster.param_groups()
     elif method.startswith("lora"):

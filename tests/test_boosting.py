@@ -63,13 +63,13 @@ def test_config_validation():
     with pytest.raises(ValueError, match="not both"):
         xf.XGBLoRAConfig(rounds=3, total_steps=30)
     with pytest.raises(ValueError, match="gradient_init_rounds must be >= 1"):
-        xf.XGBLoRAConfig(gradient_init_rounds=0)
+        xf.XGBLoRAConfig(booster_init="gradient", gradient_init_rounds=0)
     with pytest.raises(ValueError, match="needs booster_init='gradient'"):
         xf.XGBLoRAConfig(booster_init="random", gradient_init_rounds=5)
     for growth in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kappa_growth"):
             xf.XGBLoRAConfig(kappa_growth=growth)
-    cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, layers_per_round=2)
+    cfg = xf.XGBLoRAConfig(rounds=3, kappa=7, kappa_growth=1.0, layers_per_round=2)
     assert cfg.planned_steps == 21
     assert xf.XGBLoRAConfig(rounds=4, kappa=2, kappa_growth=1.5).planned_steps == 2 + 3 + 4 + 7
     assert xf.XGBLoRAConfig.from_dict(cfg.to_dict()) == cfg
@@ -94,7 +94,9 @@ def test_units_group_modules_by_transformer_block():
 
 
 def test_rounds_merge_active_layers_only_and_reset_everything():
-    cfg = xf.XGBLoRAConfig(kappa=3, layers_per_round=2, rounding="nearest", seed=1)
+    cfg = xf.XGBLoRAConfig(
+        kappa=3, kappa_growth=1.0, layers_per_round=2, rounding="nearest", seed=1
+    )
     model, booster, optimizer = make_run(cfg)
     params_before = [id(p) for p in booster.parameters()]
     weights0 = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
@@ -134,7 +136,9 @@ def test_rounds_merge_active_layers_only_and_reset_everything():
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.SGD])
 @pytest.mark.parametrize("reset", ["momentum", "none"])
 def test_optimizer_reset_keeps_what_it_says(reset, optimizer_class):
-    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=4, optimizer_reset=reset, seed=2)
+    cfg = xf.XGBLoRAConfig(
+        kappa=2, kappa_growth=1.0, layers_per_round=4, optimizer_reset=reset, seed=2
+    )
     model = mlp()
     booster = xf.Booster(model, cfg)
     kw = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
@@ -159,7 +163,9 @@ def test_optimizer_reset_keeps_what_it_says(reset, optimizer_class):
 
 
 def test_history_records_what_reviewers_asked_for():
-    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=0.5, seed=3, rounding="nearest")
+    cfg = xf.XGBLoRAConfig(
+        kappa=2, kappa_growth=1.0, layers_per_round=0.5, seed=3, rounding="nearest"
+    )
     model, booster, optimizer = make_run(cfg)
     losses = train(model, booster, optimizer, 8)
     hist = booster.history
@@ -194,12 +200,12 @@ def test_rounds_grow_by_kappa_growth_and_probe_each_round_at_its_last_step():
     assert all(h["unit_scores"] for h in booster.history)
     # Far into a run the length stays an int (no float overflow); 1.0 keeps every round kappa.
     assert cfg.round_length(10**6) >= 2**62
-    assert xf.XGBLoRAConfig(kappa=7).round_length(10**6) == 7
+    assert xf.XGBLoRAConfig(kappa=7, kappa_growth=1.0).round_length(10**6) == 7
 
 
 def test_sampling_is_seeded():
     def active_sets(seed):
-        cfg = xf.XGBLoRAConfig(kappa=1, layers_per_round=2, seed=seed)
+        cfg = xf.XGBLoRAConfig(kappa=1, kappa_growth=1.0, layers_per_round=2, seed=seed)
         model, booster, optimizer = make_run(cfg)
         train(model, booster, optimizer, 6)
         return [tuple(h["active"]) for h in booster.history]
@@ -209,7 +215,7 @@ def test_sampling_is_seeded():
 
 
 def test_rewarm_ramps_booster_lr_after_each_merge_under_a_scheduler():
-    cfg = xf.XGBLoRAConfig(kappa=4, layers_per_round=1, rewarm_steps=4)
+    cfg = xf.XGBLoRAConfig(kappa=4, kappa_growth=1.0, layers_per_round=1, rewarm_steps=4)
     model, booster, optimizer = make_run(cfg, lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** (step // 4))
     lrs = []
@@ -222,7 +228,7 @@ def test_rewarm_ramps_booster_lr_after_each_merge_under_a_scheduler():
 
 
 def test_rewarm_without_scheduler_does_not_compound():
-    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=1, rewarm_steps=2)
+    cfg = xf.XGBLoRAConfig(kappa=2, kappa_growth=1.0, layers_per_round=1, rewarm_steps=2)
     model, booster, optimizer = make_run(cfg, lr=0.1)
     lrs = []
     for step in range(6):
@@ -232,7 +238,7 @@ def test_rewarm_without_scheduler_does_not_compound():
 
 
 def test_finish_merges_an_unfinished_round():
-    cfg = xf.XGBLoRAConfig(kappa=10, layers_per_round=4, rounding="nearest")
+    cfg = xf.XGBLoRAConfig(kappa=10, kappa_growth=1.0, layers_per_round=4, rounding="nearest")
     model, booster, optimizer = make_run(cfg)
     train(model, booster, optimizer, 3)
     x, _ = batch(99)
@@ -247,7 +253,7 @@ def test_finish_merges_an_unfinished_round():
 
 
 def test_a_refused_merge_leaves_weights_and_records_as_they_were():
-    cfg = xf.XGBLoRAConfig(kappa=2, layers_per_round=4, rounding="nearest")
+    cfg = xf.XGBLoRAConfig(kappa=2, kappa_growth=1.0, layers_per_round=4, rounding="nearest")
     model, booster, optimizer = make_run(cfg, dtype=torch.float16)
     train(model, booster, optimizer, 3)  # round 0 merged and recorded, round 1 under way
     name, layer = next(iter(booster.layers.items()))

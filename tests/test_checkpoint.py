@@ -18,7 +18,13 @@ def build(dtype, seed=0, width=WIDTH, rounding="stochastic"):
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 2)
     ).to(dtype)
     cfg = xf.XGBLoRAConfig(
-        kappa=4, layers_per_round=2, dropout=0.1, rounding=rounding, rewarm_steps=2, seed=7
+        kappa=4,
+        kappa_growth=1.0,
+        layers_per_round=2,
+        dropout=0.1,
+        rounding=rounding,
+        rewarm_steps=2,
+        seed=7,
     )
     booster = xf.Booster(model, cfg)
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=3e-2)

@@ -21,7 +21,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = _model()  # the same base model on every rank
-    cfg = xf.XGBLoRAConfig(kappa=KAPPA, layers_per_round=2, rounding="stochastic", seed=11)
+    cfg = xf.XGBLoRAConfig(
+        kappa=KAPPA, kappa_growth=1.0, layers_per_round=2, rounding="stochastic", seed=11
+    )
     booster = xf.Booster(model, cfg)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=5e-2)

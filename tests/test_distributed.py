@@ -47,7 +47,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
     try:
         model = _model()
         seed = 11 + (rank if mode == "other_seed" and rank == world - 1 else 0)
-        cfg = xf.XGBLoRAConfig(kappa=KAPPA, layers_per_round=2, rounding="stochastic", seed=seed)
+        cfg = xf.XGBLoRAConfig(
+            kappa=KAPPA, kappa_growth=1.0, layers_per_round=2, rounding="stochastic", seed=seed
+        )
         booster = xf.Booster(model, cfg)
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         optimizer = torch.optim.AdamW(booster.param_groups(), lr=5e-2)
@@ -216,6 +218,7 @@ def _boost(shard: bool, guided: bool = False) -> dict[str, list]:
     # verify_replicas compares replicated weights: sharded ones are refused.
     cfg = xf.XGBLoRAConfig(
         kappa=KAPPA,
+        kappa_growth=1.0,
         layers_per_round=2,
         rounding="stochastic",
         seed=11,

@@ -57,6 +57,7 @@ def boost(model, steps=40, lr=2e-2, rounding="nearest", head=True, **config):
         **{
             "target_modules": ["query", "value", "output.dense"],
             "kappa": 2,
+            "kappa_growth": 1.0,
             "layers_per_round": 2,
             "sample_by": "module",
             "rounding": rounding,
@@ -98,7 +99,9 @@ def boosted():
 def boosted_bf16():
     """bf16 weights after 30 one-step rounds of all 8 layers, merges rounded to nearest."""
     model = tiny_bert(torch.bfloat16)
-    booster, _ = boost(model, steps=30, lr=3e-2, kappa=1, layers_per_round=8, head=False)
+    booster, _ = boost(
+        model, steps=30, lr=3e-2, kappa=1, kappa_growth=1.0, layers_per_round=8, head=False
+    )
     return booster
 
 
@@ -242,7 +245,9 @@ def test_bf16_adapter_is_closer_to_the_float64_truth_than_merged_weights(boosted
 
 def test_gpt2_conv1d_layers_export_with_fan_in_fan_out(tmp_path):
     model = tiny_gpt2()
-    cfg = xf.XGBLoRAConfig(target_modules=["c_attn", "c_fc"], kappa=2, layers_per_round=1)
+    cfg = xf.XGBLoRAConfig(
+        target_modules=["c_attn", "c_fc"], kappa=2, kappa_growth=1.0, layers_per_round=1
+    )
     booster = xf.Booster(model, cfg)
     optimizer = torch.optim.AdamW(booster.param_groups(lr=2e-2))
     booster.attach(optimizer)
@@ -309,7 +314,9 @@ def test_unmerge_all_rounds_of_bf16_weights_is_within_rounding(boosted_bf16):
 
 def test_unmerge_goes_through_the_kahan_compensation():
     model = tiny_bert(torch.bfloat16)
-    booster, _ = boost(model, steps=8, lr=3e-2, kappa=1, layers_per_round=8, rounding="kahan")
+    booster, _ = boost(
+        model, steps=8, lr=3e-2, kappa=1, kappa_growth=1.0, layers_per_round=8, rounding="kahan"
+    )
     original = weights(tiny_bert(torch.bfloat16))
     xf.unmerge_(booster)
     restored = weights(model)
@@ -411,7 +418,18 @@ def test_records_survive_a_checkpoint(boosted, tmp_path):
 def test_cli_finetune_and_export_lora_end_to_end(tiny_folder, sentiment_csv, tmp_path):
     run = tmp_path / "run"
     common = ["--model", str(tiny_folder / "bert"), "--data", str(sentiment_csv)]
-    argv = ["finetune", *common, "--output", str(run), "--steps", "8", "--kappa", "2"]
+    argv = [
+        "finetune",
+        *common,
+        "--output",
+        str(run),
+        "--steps",
+        "8",
+        "--kappa",
+        "2",
+        "--kappa-growth",
+        "1",
+    ]
     argv += ["--batch-size", "8", "--eval-every", "0", "--save-every", "8"]
     assert cli.main([*argv, "--export-lora", str(tmp_path / "live")]) == 0
     assert cli.main(["export-lora", str(run / "checkpoints"), str(tmp_path / "ckpt")]) == 0

@@ -31,7 +31,12 @@ def build(seed=0, dtype=torch.bfloat16, targets="all-linear", width=WIDTH):
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 2)
     ).to(dtype)
     cfg = xf.XGBLoRAConfig(
-        target_modules=targets, kappa=3, layers_per_round=2, rounding="stochastic", seed=7
+        target_modules=targets,
+        kappa=3,
+        kappa_growth=1.0,
+        layers_per_round=2,
+        rounding="stochastic",
+        seed=7,
     )
     booster = xf.Booster(model, cfg)
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=3e-2)
@@ -298,7 +303,9 @@ TRAIN_SCRIPT = textwrap.dedent(
     model = nn.Sequential(
         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
     ).to(torch.bfloat16)
-    cfg = xf.XGBLoRAConfig(kappa=3, layers_per_round=2, rounding="stochastic", dropout=0.1, seed=3)
+    cfg = xf.XGBLoRAConfig(
+        kappa=3, kappa_growth=1.0, layers_per_round=2, rounding="stochastic", dropout=0.1, seed=3
+    )
     booster = xf.Booster(model, cfg)
     optimizer = torch.optim.AdamW(booster.param_groups(), lr=5e-2)
     booster.attach(optimizer)

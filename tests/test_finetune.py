@@ -28,6 +28,7 @@ def config(tiny_folder, sentiment_csv, tmp_path, **kw):
         target_modules=finetune.DEFAULT_TARGETS,
         alpha=2.0,
         kappa=10,
+        kappa_growth=1.0,
         layers_per_round=1.0,
         total_steps=kw.get("steps", 60),
     )
@@ -164,6 +165,8 @@ def test_cli_maps_every_option(tmp_path):
             "1.5",
             "--rounding",
             "nearest",
+            "--booster-init",
+            "gradient",
             "--gradient-init-rounds",
             "20",
             "--steps",

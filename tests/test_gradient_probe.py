@@ -132,8 +132,8 @@ def _train(config: xf.XGBLoRAConfig, steps: int, attach: bool = True):
 
 def test_gradient_init_points_a_along_the_top_singular_vector_and_sets_exact_grads():
     cfg = xf.XGBLoRAConfig(
-        target_modules=["0", "2"], kappa=3, layers_per_round=2, booster_init="gradient",
-        power_iters=60, rounds=2, seed=5,
+        target_modules=["0", "2"], kappa=3, kappa_growth=1.0, layers_per_round=2,
+        booster_init="gradient", power_iters=60, rounds=2, seed=5,
     )  # fmt: skip
     torch.manual_seed(0)
     model = _Blocks()
@@ -177,7 +177,14 @@ def test_gradient_init_points_a_along_the_top_singular_vector_and_sets_exact_gra
 
 
 def test_gradient_init_rounds_limits_the_gradient_init_to_the_first_rounds():
-    common = dict(target_modules=["0", "2"], kappa=2, layers_per_round=2, select="uniform", seed=3)
+    common = dict(
+        target_modules=["0", "2"],
+        kappa=2,
+        kappa_growth=1.0,
+        layers_per_round=2,
+        select="uniform",
+        seed=3,
+    )
     limited = xf.XGBLoRAConfig(booster_init="gradient", gradient_init_rounds=2, **common)
     # Two rounds: merged and re-drawn, the boosters now start round 2 from the same random
     # draw as a run that never used the gradient (same seed, same draws, same layers).
@@ -194,15 +201,17 @@ def test_gradient_init_rounds_limits_the_gradient_init_to_the_first_rounds():
 
 
 def test_gradient_init_without_an_attached_optimizer_raises():
-    cfg = xf.XGBLoRAConfig(target_modules=["0", "2"], kappa=2, booster_init="gradient")
+    cfg = xf.XGBLoRAConfig(
+        target_modules=["0", "2"], kappa=2, kappa_growth=1.0, booster_init="gradient"
+    )
     with pytest.raises(RuntimeError, match="attach"):
         _train(cfg, 1, attach=False)
 
 
 def test_gradient_selection_prefers_units_with_large_gradients_and_is_reproducible():
     cfg = xf.XGBLoRAConfig(
-        target_modules=["0", "2"], kappa=2, layers_per_round=1, select="gradient", rounds=40,
-        seed=2,
+        target_modules=["0", "2"], kappa=2, kappa_growth=1.0, layers_per_round=1,
+        select="gradient", rounds=40, seed=2,
     )  # fmt: skip
     booster = _train(cfg, 80)
     scores = [h["unit_scores"] for h in booster.history]
@@ -220,7 +229,12 @@ def test_gradient_selection_prefers_units_with_large_gradients_and_is_reproducib
 
 def test_the_literal_recipe_runs_no_probes():
     cfg = xf.XGBLoRAConfig(
-        target_modules=["0", "2"], kappa=2, rounds=3, booster_init="random", select="uniform"
+        target_modules=["0", "2"],
+        kappa=2,
+        kappa_growth=1.0,
+        rounds=3,
+        booster_init="random",
+        select="uniform",
     )
     booster = _train(cfg, 6)
     assert all(h["gradient_sigma"] == {} and h["unit_scores"] == {} for h in booster.history)

@@ -48,7 +48,11 @@ def make_trainer(tmp_path, model, booster, max_steps, **kw):
 def test_trainer_runs_boosting_rounds_and_merges(tmp_path):
     model = tiny_llama()
     cfg = xf.XGBLoRAConfig(
-        target_modules=["q_proj", "v_proj", "down_proj"], kappa=3, layers_per_round=1, seed=2
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        kappa=3,
+        kappa_growth=1.0,
+        layers_per_round=1,
+        seed=2,
     )
     booster = xf.Booster(model, cfg)
     base = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
@@ -76,7 +80,9 @@ def test_trainer_runs_boosting_rounds_and_merges(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_resume_restores_the_booster(tmp_path):
-    cfg = xf.XGBLoRAConfig(target_modules=["q_proj", "v_proj"], kappa=2, layers_per_round=1)
+    cfg = xf.XGBLoRAConfig(
+        target_modules=["q_proj", "v_proj"], kappa=2, kappa_growth=1.0, layers_per_round=1
+    )
     straight_model = tiny_llama()
     straight = xf.Booster(straight_model, cfg)
     make_trainer(tmp_path / "a", straight_model, straight, max_steps=8).train()

@@ -3,6 +3,7 @@ tiny offline model, caching, tables and plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -16,6 +17,9 @@ import accuracy
 import gradient_directions
 import schedule
 import torch
+
+# The study's entry for the library's defaults.
+DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x)"
 
 
 @pytest.mark.slow
@@ -67,7 +71,7 @@ def test_accuracy_study_caches_runs_per_budget_and_compares_to_lora(
     tiny = _tiny(tiny_folder, sentiment_csv)
     methods = {
         "LoRA r=1 (peft)": [*accuracy.METHODS["LoRA r=1 (peft)"], *tiny],
-        "XGBLoRA (defaults)": [*accuracy.METHODS["XGBLoRA (defaults)"], *tiny, "--kappa", "2"],
+        "XGBLoRA (defaults)": [*accuracy.METHODS[DEFAULTS], *tiny, "--kappa", "2"],
     }
     monkeypatch.setattr(accuracy, "METHODS", methods)
     common = ["--batch-size", "8", "--eval-limit", "24", "--out", str(tmp_path), "--seeds", "0"]
@@ -152,7 +156,7 @@ def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tm
 def test_accuracy_report_has_every_seed_of_every_method_across_budgets(tmp_path):
     """The summary table puts each method on one row (in METHODS order, whatever order the runs
     came in) with a cell per budget holding the mean, sd and every seed; "-" where not run."""
-    lora, xgb = "LoRA r=1 (peft)", "XGBLoRA (defaults)"
+    lora, xgb = "LoRA r=1 (peft)", DEFAULTS
     runs = {}
     for name, steps, seed, acc in [
         (lora, 200, 1, 0.80), (lora, 200, 0, 0.82), (xgb, 1000, 0, 0.83), (xgb, 200, 0, 0.71),
@@ -166,7 +170,7 @@ def test_accuracy_report_has_every_seed_of_every_method_across_budgets(tmp_path)
     md = (tmp_path / "accuracy.md").read_text().splitlines()
     header = md.index("| method | 200 steps | 1000 steps |")
     assert md[header + 2] == (
-        "| XGBLoRA (defaults) | 0.7100 ± 0.0000 (0: 0.7100) | 0.8300 ± 0.0000 (0: 0.8300) |"
+        f"| {DEFAULTS} | 0.7100 ± 0.0000 (0: 0.7100) | 0.8300 ± 0.0000 (0: 0.8300) |"
     )
     assert md[header + 3] == "| LoRA r=1 (peft) | 0.8100 ± 0.0141 (0: 0.8200, 1: 0.8000) | - |"
     assert (tmp_path / "accuracy_budgets.png").stat().st_size > 5000
@@ -247,3 +251,25 @@ def test_every_study_method_and_variant_is_a_valid_command_line():
                 ["finetune", "--booster-init", "random", "--gradient-init-rounds", "3"]
             )
         )
+
+
+def test_study_entries_pin_the_schedule_so_new_defaults_do_not_move_cached_runs():
+    """Cached runs are keyed by name: an entry that relied on a default would change meaning."""
+    from xgblora_fast import cli, finetune
+
+    schedule_options = (
+        "--kappa", "--kappa-growth", "--layers-per-round", "--booster-init", "--select",
+        "--rewarm-steps", "--lr", "--alpha",
+    )  # fmt: skip
+    entries = {n: o for n, o in accuracy.METHODS.items() if o[1] == "xgblora"}
+    entries["schedule base"] = schedule.BASE
+    for name, options in entries.items():
+        missing = [flag for flag in schedule_options if flag not in options]
+        assert not missing, f"{name} does not pin {missing}"
+    # The study's defaults row is the defaults of the library and the CLI.
+    parsed = cli.config_from_args(
+        cli.build_parser().parse_args(["finetune", *accuracy.METHODS[DEFAULTS]])
+    )
+    expected = finetune.FinetuneConfig().xgblora
+    assert parsed.xgblora == dataclasses.replace(expected, total_steps=parsed.steps)
+    assert parsed.lr == finetune.FinetuneConfig(method="xgblora").lr

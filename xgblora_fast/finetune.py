@@ -2,7 +2,7 @@
 
 This is the engine behind ``xgblora-fast finetune`` and the accuracy study in ``bench/``:
 
-- ``method="xgblora"``: rank-1 boosters on sampled layers, merged every ``kappa`` steps;
+- ``method="xgblora"``: rank-1 boosters, merged into the weights at the end of every round;
 - ``method="lora"``: peft LoRA of rank ``lora_rank`` on the same target modules (baseline);
 - ``method="full"``: every parameter trains (baseline).
 
@@ -82,17 +82,7 @@ class FinetuneConfig:
     # |W - W0| / |W0| per layer in the summary: reads the base checkpoint once more at the end.
     measure_weight_change: bool = True
     xgblora: XGBLoRAConfig = dataclasses.field(
-        default_factory=lambda: XGBLoRAConfig(
-            target_modules=DEFAULT_TARGETS,
-            alpha=2.0,
-            kappa=10,
-            # MiniLM: 5 of 7 units; +2.2 points over 0.35 (3 seeds). The re-warm-up keeps it
-            # stable: without it 5 units diverge at lr 5e-3 (bench/results/schedule.md).
-            layers_per_round=0.67,
-            rewarm_steps=3,
-            booster_init="gradient",  # +2.1 points on the demo task (bench/results/schedule.md)
-            select="gradient",
-        )
+        default_factory=lambda: XGBLoRAConfig(target_modules=DEFAULT_TARGETS, alpha=2.0)
     )
 
     def __post_init__(self) -> None:

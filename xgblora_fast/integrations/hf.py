@@ -1,6 +1,6 @@
 """transformers ``Trainer`` integration: ``XGBLoRACallback`` drives a ``Booster``.
 
-    booster = xf.Booster(model, xf.XGBLoRAConfig(kappa=10, layers_per_round=0.67))
+    booster = xf.Booster(model, xf.XGBLoRAConfig(kappa=10, kappa_growth=1.5))
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[XGBLoRACallback(booster)])
     trainer.train()          # rounds, merges and optimizer resets happen in the callback
