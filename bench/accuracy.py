@@ -33,51 +33,43 @@ from tqdm import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 CURVE_WINDOW = 10  # steps per point of a run's recorded training-loss curve
 
+
+def xgblora(
+    growth: str, layers: str, init: str, select: str, rewarm: str, *extra: str
+) -> list[str]:
+    """XGBLoRA options with every schedule knob pinned, so new defaults do not move a cached run."""
+    return [
+        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
+        "--kappa-growth", growth, "--layers-per-round", layers, "--booster-init", init,
+        "--select", select, "--rewarm-steps", rewarm, *extra,
+    ]  # fmt: skip
+
+
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
-    # The defaults (XGBLoRAConfig / the CLI), pinned: every layer, random a, rounds of
-    # 10, 15, 22, ... steps (kappa 10 * 1.5**k).
-    "XGBLoRA (defaults: all layers, rounds growing 1.5x)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1.5", "--layers-per-round", "1.0", "--booster-init", "random",
-        "--select", "gradient", "--rewarm-steps", "0",
-    ],
+    # The defaults (XGBLoRAConfig / the CLI): every layer, random a, rounds of 10, 15, 22, ...
+    # steps (kappa 10 * 1.5**k).
+    "XGBLoRA (defaults: all layers, rounds growing 1.5x)": xgblora(
+        "1.5", "1.0", "random", "gradient", "0"
+    ),
     # The defaults before growing rounds: gradient-aligned boosters on 67% of the blocks,
     # chosen by need, rounds of 10 steps with a 3-step re-warm-up.
-    "XGBLoRA (gradient-aligned, L_s 0.67; earlier defaults)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "0.67", "--booster-init", "gradient",
-        "--select", "gradient", "--rewarm-steps", "3",
-    ],
+    "XGBLoRA (gradient-aligned, L_s 0.67; earlier defaults)": xgblora(
+        "1", "0.67", "gradient", "gradient", "3"
+    ),
     # The same with the gradient init in the first 20 rounds only, then random a.
-    "XGBLoRA (gradient-aligned, gradient init in 20 rounds)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "0.67", "--booster-init", "gradient",
-        "--select", "gradient", "--rewarm-steps", "3", "--gradient-init-rounds", "20",
-    ],
-    # Earlier defaults, pinned: what the schedule search (bench/schedule.py) moved on from.
-    "XGBLoRA (gradient init + select, L_s 0.5)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "0.5", "--booster-init", "gradient",
-        "--select", "gradient", "--rewarm-steps", "0",
-    ],
-    "XGBLoRA (gradient init + select, L_s 0.35)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "0.35", "--booster-init", "gradient",
-        "--select", "gradient", "--rewarm-steps", "0",
-    ],
-    # The recipe as the paper states it, pinned so that changing the defaults does not move it.
-    "XGBLoRA (literal recipe)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "0.35", "--booster-init", "random",
-        "--select", "uniform", "--rewarm-steps", "0",
-    ],
+    "XGBLoRA (gradient-aligned, gradient init in 20 rounds)": xgblora(
+        "1", "0.67", "gradient", "gradient", "3", "--gradient-init-rounds", "20"
+    ),
+    # Earlier defaults: what the schedule search (bench/schedule.py) moved on from.
+    "XGBLoRA (gradient init + select, L_s 0.5)": xgblora("1", "0.5", "gradient", "gradient", "0"),
+    "XGBLoRA (gradient init + select, L_s 0.35)": xgblora(
+        "1", "0.35", "gradient", "gradient", "0"
+    ),
+    # The recipe as the paper states it.
+    "XGBLoRA (literal recipe)": xgblora("1", "0.35", "random", "uniform", "0"),
     # COLA (Chain of LoRA): rank-1 LoRA on every layer, merged and restarted every kappa steps.
-    "COLA-style chain (rank-1, all layers)": [
-        "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
-        "--kappa-growth", "1", "--layers-per-round", "1.0", "--booster-init", "random",
-        "--select", "gradient", "--rewarm-steps", "0",
-    ],
+    "COLA-style chain (rank-1, all layers)": xgblora("1", "1.0", "random", "gradient", "0"),
     "LoRA r=1 (peft)": ["--method", "lora", "--lora-rank", "1", "--lr", "5e-3"],
     "LoRA r=8 (peft)": ["--method", "lora", "--lora-rank", "8", "--lr", "2e-3"],
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],
