@@ -395,7 +395,7 @@ class Booster:
 
     # ----------------------------------------------------------------- gradient probes
     def _arm_probes(self) -> None:
-        """Hook what the next training step must capture (nothing, for the defaults)."""
+        """Hook what the next training step must capture (the gradient init, the unit scores)."""
         cfg = self.config
         self._disarm_probes()
         if self._gradient_init_round() and self.step_in_round == 0:
