@@ -98,11 +98,11 @@ class XGBLoRAConfig:
             the booster starts along the best rank-1 descent direction. Needs
             ``attach(optimizer)`` (it acts just before ``optimizer.step()``). It gained 2.1
             points at 200 steps with 35% of the blocks per round; with every layer it diverges
-            on the demo task (MiniLM's pooler: the README's accuracy section).
+            on the demo task (MiniLM's pooler: docs/accuracy_analysis.md).
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
-            0.006, every round 0.821 +- 0.002 (the README's accuracy section). A layer's
+            0.006, every round 0.821 +- 0.002 (docs/accuracy_analysis.md). A layer's
             successive gradient-init ``a`` repeat (mean |cos| 0.53 at 200 steps; random draws:
             0.04).
         select: with ``layers_per_round`` below 1, how a round picks its units: ``"gradient"``
