@@ -188,7 +188,9 @@ def plot(table: dict[tuple[str, int], list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted({steps for _, steps in table})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    most_rows = max(sum(s == steps for _, s in table) for steps in budgets)
+    height = max(4.0, 1.2 + 0.2 * most_rows)  # ~0.2 inch per label: readable at fontsize 8
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), height), squeeze=False)
     for ax, steps in zip(axes[0], budgets, strict=True):
         rows = sorted(
             ((n, a) for (n, s), a in table.items() if s == steps),
