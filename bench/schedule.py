@@ -131,6 +131,16 @@ VARIANTS: dict[str, list[str]] = {
         "--kappa-growth",
         "1.5",
     ],
+    # The defaults with each restart keeping the layer's trained a (only b = 0): does a restart
+    # cost because it throws the input direction away?
+    "L_s all, kappa growth 1.5, carry a": [
+        "--layers-per-round",
+        "1.0",
+        "--kappa-growth",
+        "1.5",
+        "--booster-init",
+        "carry",
+    ],
     "rewarm 3": ["--rewarm-steps", "3"],
     # bf16 base weights, where the merge rounding matters (fp32 merges are exact-nearest).
     "gradient init + select, bf16, nearest": [

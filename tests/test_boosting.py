@@ -162,6 +162,32 @@ def test_optimizer_reset_keeps_what_it_says(reset, optimizer_class):
                 assert torch.equal(value, old[key]), key
 
 
+def test_carry_keeps_each_trained_a_across_merges_and_draws_round_0_like_random():
+    common = dict(kappa=2, kappa_growth=1.0, layers_per_round=2, seed=4)
+    _, carry, carry_opt = make_run(xf.XGBLoRAConfig(booster_init="carry", **common))
+    _, random, _ = make_run(xf.XGBLoRAConfig(booster_init="random", **common))
+    for name in carry.layers:  # round 0: the same seeded draw
+        assert torch.equal(carry.layers[name].lora_a, random.layers[name].lora_a)
+    model = carry.model
+    for round_index in range(3):
+        active = list(carry.active)
+        train(model, carry, carry_opt, 1, start=2 * round_index)
+        x, y = batch(2 * round_index + 1)
+        nn.functional.mse_loss(model(x), y).backward()
+        carry_opt.step()
+        carry_opt.zero_grad()
+        trained = {n: carry.layers[n].lora_a.detach().clone() for n in carry.layers}
+        merged = {n: carry.layers[n].merged_weight() for n in active}
+        assert carry.step() is True
+        for name, layer in carry.layers.items():
+            assert torch.equal(layer.lora_a, trained[name])  # kept, active or not
+            assert torch.count_nonzero(layer.lora_b) == 0
+            if name in active:
+                assert torch.equal(layer.weight, merged[name])
+                assert layer.lora_a not in carry_opt.state  # Adam restarts as with "random"
+    assert carry.round == 3
+
+
 def test_history_records_what_reviewers_asked_for():
     cfg = xf.XGBLoRAConfig(
         kappa=2, kappa_growth=1.0, layers_per_round=0.5, seed=3, rounding="nearest"

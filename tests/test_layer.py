@@ -157,7 +157,8 @@ def test_from_linear_shares_and_freezes_weight():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_merge_preserves_output_and_parameters(backend, with_bias):
+@pytest.mark.parametrize("keep_a", [False, True], ids=["redraw_a", "keep_a"])
+def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a):
     torch.manual_seed(5)
     layer = xf.FastRank1Linear(K, M, bias=with_bias, alpha=1.75, backend=backend)
     random_adapter(layer)
@@ -169,17 +170,22 @@ def test_merge_preserves_output_and_parameters(backend, with_bias):
     with torch.no_grad():
         y_before = layer(x)
 
-    layer.merge_()
+    generator = torch.Generator().manual_seed(3)
+    layer.merge_(generator=generator, keep_a=keep_a)
 
     # W += s b a^T in place (same object, same storage), checked in float64.
     assert layer.weight is w_obj and layer.weight.data_ptr() == w_ptr
     expected_w = w_before.double() + 1.75 * torch.outer(b_before.double(), a_before.double())
     assert_rel_close(layer.weight, expected_w, 1e-6, "merged weight")
-    # The booster is re-initialised in place: b = 0, a fresh, same Parameter objects.
+    # The booster is re-initialised in place: b = 0, a fresh (or kept), same Parameter objects.
     assert layer.lora_a is a_obj and layer.lora_b is b_obj
     assert torch.count_nonzero(layer.lora_b) == 0
-    assert not torch.equal(layer.lora_a, a_before)
-    assert layer.lora_a.abs().max() <= 1 / math.sqrt(K)
+    drew = not torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    if keep_a:
+        assert torch.equal(layer.lora_a, a_before) and not drew
+    else:
+        assert not torch.equal(layer.lora_a, a_before) and drew
+        assert layer.lora_a.abs().max() <= 1 / math.sqrt(K)
     with torch.no_grad():
         y_after = layer(x)
     assert_rel_close(y_after, y_before, 1e-5, "forward after merge")

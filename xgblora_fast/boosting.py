@@ -45,7 +45,7 @@ from xgblora_fast.patching import inject
 from xgblora_fast.records import MergeRecord
 
 SAMPLE_BY = ("block", "module")
-BOOSTER_INITS = ("random", "gradient")
+BOOSTER_INITS = ("random", "gradient", "carry")
 SELECTIONS = ("uniform", "gradient")
 OPTIMIZER_RESETS = ("all", "momentum", "none")
 # Per-parameter optimizer state that holds a direction (Adam/AdamW's first moment, SGD's
@@ -92,14 +92,17 @@ class XGBLoRAConfig:
             1.4-2x less error than stochastic and needs no memory, kahan 13-30x less after 1000
             merges (``bench/results/precision.md``).
         init: distribution of the random ``a``, ``"kaiming"`` (uniform) or ``"gaussian"``.
-        booster_init: ``"random"`` (default: ``a`` as drawn, ``b = 0``: the paper's recipe) or
-            ``"gradient"``. ``"gradient"``: in each round's first step ``a`` becomes the top
-            right singular vector of the layer's weight gradient ``G = dy^T x`` (same norm as
-            the random draw; ``power_iters`` power iterations over the step's activations), so
-            the booster starts along the best rank-1 descent direction. Needs
+        booster_init: ``"random"`` (default: ``a`` as drawn, ``b = 0``: the paper's recipe),
+            ``"gradient"`` or ``"carry"``. ``"gradient"``: in each round's first step ``a``
+            becomes the top right singular vector of the layer's weight gradient ``G = dy^T x``
+            (same norm as the random draw; ``power_iters`` power iterations over the step's
+            activations), so the booster starts along the best rank-1 descent direction. Needs
             ``attach(optimizer)`` (it acts just before ``optimizer.step()``). It gained 2.1
             points at 200 steps with 35% of the blocks per round; with every layer it diverges
-            on the demo task (MiniLM's pooler: docs/accuracy_analysis.md).
+            on the demo task (MiniLM's pooler: docs/accuracy_analysis.md). ``"carry"``: round 0
+            draws ``a`` as ``"random"`` does; a merge then resets only ``b = 0`` and the layer's
+            next booster keeps its trained ``a`` (direction and size), so a restart keeps the
+            input direction already found.
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
@@ -495,7 +498,13 @@ class Booster:
             if cfg.record:  # before the merge, which re-initialises the booster
                 self.records[name].add(self.round, cfg.merge_step, layer, cfg.rounding)
             try:
-                layer.merge_(cfg.rounding, seed, cfg.merge_step, self.generator)
+                layer.merge_(
+                    cfg.rounding,
+                    seed,
+                    cfg.merge_step,
+                    self.generator,
+                    keep_a=cfg.booster_init == "carry",
+                )
             except Exception:
                 if cfg.record:  # a refused merge (W untouched) leaves no record behind
                     self.records[name].remove(len(self.records[name].rounds) - 1)

@@ -203,10 +203,13 @@ class FastRank1Linear(nn.Module):
         seed: int | None = None,
         step_size: float = 1.0,
         generator: torch.Generator | None = None,
+        keep_a: bool = False,
     ) -> None:
         """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
 
         ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
+        ``keep_a=True`` re-initialises only ``b = 0`` and keeps the trained ``a`` (draws nothing):
+        the next booster starts along the input direction this one found.
         ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
 
         FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
@@ -249,7 +252,10 @@ class FastRank1Linear(nn.Module):
         self._weight_bound = (
             (self.weight._version, self.weight.data_ptr(), bound) if tracked else None
         )
-        self.reset_(generator)
+        if keep_a:
+            self.lora_b.zero_()
+        else:
+            self.reset_(generator)
 
     def _known_weight_bound(self) -> float | None:
         """The bound on ``max |W|`` left by the last merge, if ``W`` is unwritten since."""
