@@ -141,6 +141,24 @@ VARIANTS: dict[str, list[str]] = {
         "--booster-init",
         "carry",
     ],
+    # A restarted booster moves W slower (dW = s (db a^T + b da^T) starts from b = 0): a larger
+    # step on the defaults, through the learning rate or the scale s.
+    "L_s all, kappa growth 1.5, lr 1e-2": [
+        "--layers-per-round",
+        "1.0",
+        "--kappa-growth",
+        "1.5",
+        "--lr",
+        "1e-2",
+    ],
+    "L_s all, kappa growth 1.5, alpha 4": [
+        "--layers-per-round",
+        "1.0",
+        "--kappa-growth",
+        "1.5",
+        "--alpha",
+        "4",
+    ],
     "rewarm 3": ["--rewarm-steps", "3"],
     # bf16 base weights, where the merge rounding matters (fp32 merges are exact-nearest).
     "gradient init + select, bf16, nearest": [

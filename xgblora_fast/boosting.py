@@ -102,7 +102,8 @@ class XGBLoRAConfig:
             on the demo task (MiniLM's pooler: docs/accuracy_analysis.md). ``"carry"``: round 0
             draws ``a`` as ``"random"`` does; a merge then resets only ``b = 0`` and the layer's
             next booster keeps its trained ``a`` (direction and size), so a restart keeps the
-            input direction already found.
+            input direction already found. With the defaults otherwise, 200 steps, seeds 0 / 1:
+            0.807 / 0.816 vs 0.809 / 0.809 for ``"random"`` (docs/accuracy_analysis.md).
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
