@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--booster-init",
         choices=BOOSTER_INITS,
         default=x.booster_init,
-        help="gradient: each round's a starts along the top singular vector of dL/dW",
+        help="random: a fresh a each round; gradient: a along the top singular vector of "
+        "dL/dW; carry: each round keeps the a its layer trained last",
     )
     g.add_argument(
         "--select",
