@@ -33,6 +33,8 @@ GUIDED = ["--booster-init", "gradient", "--select", "gradient"]
 EARLIER_DEFAULTS = [*GUIDED, "--layers-per-round", "0.67", "--rewarm-steps", "3"]
 # MiniLM's targets without its pooler (a 384x384 layer whose |W| is 1/9 of a block layer's).
 NO_POOLER = ["--target-modules", r".*\.layer\.\d+\..*(query|key|value|dense)"]
+# The current defaults' schedule on top of BASE: every layer, rounds growing 1.5x.
+GROWING = ["--layers-per-round", "1.0", "--kappa-growth", "1.5"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
@@ -110,55 +112,20 @@ VARIANTS: dict[str, list[str]] = {
     # in between: how much of the chain's gap to LoRA r=1 the restarts themselves cost.
     "L_s all, kappa 50": ["--layers-per-round", "1.0", "--kappa", "50"],
     "L_s all, kappa 200 (no restart in 200 steps)": ["--layers-per-round", "1.0", "--kappa", "200"],
-    "L_s all, kappa growth 1.5": ["--layers-per-round", "1.0", "--kappa-growth", "1.5"],
+    "L_s all, kappa growth 1.5": GROWING,
     "L_s all, kappa growth 1.3": ["--layers-per-round", "1.0", "--kappa-growth", "1.3"],
     "L_s all, kappa growth 2": ["--layers-per-round", "1.0", "--kappa-growth", "2"],
     # The defaults (every layer, rounds growing 1.5x) with a longer first round: fewer restarts
     # in a short run (200 steps: 4 rounds from 25, 3 from 40, instead of 6 from 10).
-    "L_s all, kappa 25, growth 1.5": [
-        "--layers-per-round",
-        "1.0",
-        "--kappa",
-        "25",
-        "--kappa-growth",
-        "1.5",
-    ],
-    "L_s all, kappa 40, growth 1.5": [
-        "--layers-per-round",
-        "1.0",
-        "--kappa",
-        "40",
-        "--kappa-growth",
-        "1.5",
-    ],
+    "L_s all, kappa 25, growth 1.5": [*GROWING, "--kappa", "25"],
+    "L_s all, kappa 40, growth 1.5": [*GROWING, "--kappa", "40"],
     # The defaults with each restart keeping the layer's trained a (only b = 0): does a restart
     # cost because it throws the input direction away?
-    "L_s all, kappa growth 1.5, carry a": [
-        "--layers-per-round",
-        "1.0",
-        "--kappa-growth",
-        "1.5",
-        "--booster-init",
-        "carry",
-    ],
+    "L_s all, kappa growth 1.5, carry a": [*GROWING, "--booster-init", "carry"],
     # A restarted booster moves W slower (dW = s (db a^T + b da^T) starts from b = 0): a larger
     # step on the defaults, through the learning rate or the scale s.
-    "L_s all, kappa growth 1.5, lr 1e-2": [
-        "--layers-per-round",
-        "1.0",
-        "--kappa-growth",
-        "1.5",
-        "--lr",
-        "1e-2",
-    ],
-    "L_s all, kappa growth 1.5, alpha 4": [
-        "--layers-per-round",
-        "1.0",
-        "--kappa-growth",
-        "1.5",
-        "--alpha",
-        "4",
-    ],
+    "L_s all, kappa growth 1.5, lr 1e-2": [*GROWING, "--lr", "1e-2"],
+    "L_s all, kappa growth 1.5, alpha 4": [*GROWING, "--alpha", "4"],
     "rewarm 3": ["--rewarm-steps", "3"],
     # bf16 base weights, where the merge rounding matters (fp32 merges are exact-nearest).
     "gradient init + select, bf16, nearest": [

@@ -165,9 +165,9 @@ def test_optimizer_reset_keeps_what_it_says(reset, optimizer_class):
 def test_carry_keeps_each_trained_a_across_merges_and_draws_round_0_like_random():
     common = dict(kappa=2, kappa_growth=1.0, layers_per_round=2, seed=4)
     _, carry, carry_opt = make_run(xf.XGBLoRAConfig(booster_init="carry", **common))
-    _, random, _ = make_run(xf.XGBLoRAConfig(booster_init="random", **common))
+    _, fresh, _ = make_run(xf.XGBLoRAConfig(booster_init="random", **common))
     for name in carry.layers:  # round 0: the same seeded draw
-        assert torch.equal(carry.layers[name].lora_a, random.layers[name].lora_a)
+        assert torch.equal(carry.layers[name].lora_a, fresh.layers[name].lora_a)
     model = carry.model
     for round_index in range(3):
         active = list(carry.active)
