@@ -35,6 +35,7 @@ EARLIER_DEFAULTS = [*GUIDED, "--layers-per-round", "0.67", "--rewarm-steps", "3"
 NO_POOLER = ["--target-modules", r".*\.layer\.\d+\..*(query|key|value|dense)"]
 # The current defaults' schedule on top of BASE: every layer, rounds growing 1.5x.
 GROWING = ["--layers-per-round", "1.0", "--kappa-growth", "1.5"]
+CARRY = ["--booster-init", "carry"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
@@ -121,7 +122,19 @@ VARIANTS: dict[str, list[str]] = {
     "L_s all, kappa 40, growth 1.5": [*GROWING, "--kappa", "40"],
     # The defaults with each restart keeping the layer's trained a (only b = 0): does a restart
     # cost because it throws the input direction away?
-    "L_s all, kappa growth 1.5, carry a": [*GROWING, "--booster-init", "carry"],
+    "L_s all, kappa growth 1.5, carry a": [*GROWING, *CARRY],
+    # A merge of only part of the booster (b <- beta b, a kept) keeps the function and restarts
+    # neither factor from zero: between the defaults (beta 0) and no restart at all (beta 1).
+    "L_s all, kappa growth 1.5, keep 0.5": [*GROWING, *CARRY, "--booster-keep", "0.5"],
+    "L_s all, kappa growth 1.5, keep 0.9": [*GROWING, *CARRY, "--booster-keep", "0.9"],
+    "L_s all, kappa growth 1.5, keep 0.5, reset none": [
+        *GROWING,
+        *CARRY,
+        "--booster-keep",
+        "0.5",
+        "--optimizer-reset",
+        "none",
+    ],
     # A restarted booster moves W slower (dW = s (db a^T + b da^T) starts from b = 0): a larger
     # step on the defaults, through the learning rate or the scale s.
     "L_s all, kappa growth 1.5, lr 1e-2": [*GROWING, "--lr", "1e-2"],

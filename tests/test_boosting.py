@@ -66,6 +66,13 @@ def test_config_validation():
         xf.XGBLoRAConfig(booster_init="gradient", gradient_init_rounds=0)
     with pytest.raises(ValueError, match="needs booster_init='gradient'"):
         xf.XGBLoRAConfig(booster_init="random", gradient_init_rounds=5)
+    for keep in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="booster_keep must be in"):
+            xf.XGBLoRAConfig(booster_init="carry", booster_keep=keep)
+    with pytest.raises(ValueError, match="booster_keep needs booster_init='carry'"):
+        xf.XGBLoRAConfig(booster_init="random", booster_keep=0.5)
+    with pytest.raises(ValueError, match="every unit in every round"):
+        make_run(xf.XGBLoRAConfig(booster_init="carry", booster_keep=0.5, layers_per_round=2))
     for growth in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kappa_growth"):
             xf.XGBLoRAConfig(kappa_growth=growth)
@@ -186,6 +193,57 @@ def test_carry_keeps_each_trained_a_across_merges_and_draws_round_0_like_random(
                 assert torch.equal(layer.weight, merged[name])
                 assert layer.lora_a not in carry_opt.state  # Adam restarts as with "random"
     assert carry.round == 3
+
+
+def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest():
+    keep = 0.25
+    cfg = xf.XGBLoRAConfig(
+        kappa=2, kappa_growth=1.0, booster_init="carry", booster_keep=keep, seed=4, alpha=1.5
+    )
+    model, booster, optimizer = make_run(cfg)
+    start = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
+    x, _ = batch(99)
+
+    def snapshot():
+        with torch.no_grad():
+            y = model(x)
+        parts = {
+            n: [t.detach().clone() for t in (m.weight, m.lora_a, m.lora_b)]
+            for n, m in booster.layers.items()
+        }
+        return y, parts
+
+    for round_index in range(3):
+        train(model, booster, optimizer, 1, start=2 * round_index)
+        xb, yb = batch(2 * round_index + 1)
+        nn.functional.mse_loss(model(xb), yb).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        y_before, before = snapshot()
+        assert booster.step() is True
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), y_before, rtol=1e-5, atol=1e-6)
+        for name, layer in booster.layers.items():
+            w, a, b = before[name]
+            assert torch.count_nonzero(b) == WIDTH  # the round trained every booster
+            assert torch.equal(layer.lora_a, a)
+            torch.testing.assert_close(layer.lora_b, keep * b, rtol=0, atol=0)
+            merged = w.double() + (1 - keep) * 1.5 * torch.outer(b.double(), a.double())
+            torch.testing.assert_close(layer.weight.double(), merged, rtol=1e-6, atol=1e-7)
+            assert booster.records[name].steps[-1] == pytest.approx(1 - keep)
+
+    # A round just ended, so nothing is unfinished, yet finish() merges what the merges kept.
+    y_before, _ = snapshot()
+    booster.finish()
+    booster.finish()  # nothing left: no extra merge
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_before, rtol=1e-5, atol=1e-6)
+    for name, layer in booster.layers.items():
+        assert torch.count_nonzero(layer.lora_b) == 0
+        record = booster.records[name]
+        assert record.steps == [pytest.approx(1 - keep)] * 3 + [1.0]
+        up, down = record.factors()
+        torch.testing.assert_close(layer.weight, start[name] + up @ down, rtol=1e-5, atol=1e-6)
 
 
 def test_history_records_what_reviewers_asked_for():

@@ -157,8 +157,10 @@ def test_from_linear_shares_and_freezes_weight():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("keep_a", [False, True], ids=["redraw_a", "keep_a"])
-def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a):
+@pytest.mark.parametrize(
+    "keep_a, keep_b", [(False, 0.0), (True, 0.0), (True, 0.3)], ids=["redraw_a", "keep_a", "keep_b"]
+)
+def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a, keep_b):
     torch.manual_seed(5)
     layer = xf.FastRank1Linear(K, M, bias=with_bias, alpha=1.75, backend=backend)
     random_adapter(layer)
@@ -171,15 +173,17 @@ def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a):
         y_before = layer(x)
 
     generator = torch.Generator().manual_seed(3)
-    layer.merge_(generator=generator, keep_a=keep_a)
+    layer.merge_(generator=generator, keep_a=keep_a, keep_b=keep_b)
 
-    # W += s b a^T in place (same object, same storage), checked in float64.
+    # W += (1 - keep_b) s b a^T in place (same object, same storage), checked in float64.
     assert layer.weight is w_obj and layer.weight.data_ptr() == w_ptr
-    expected_w = w_before.double() + 1.75 * torch.outer(b_before.double(), a_before.double())
-    assert_rel_close(layer.weight, expected_w, 1e-6, "merged weight")
-    # The booster is re-initialised in place: b = 0, a fresh (or kept), same Parameter objects.
+    merged = (1 - keep_b) * 1.75 * torch.outer(b_before.double(), a_before.double())
+    assert_rel_close(layer.weight, w_before.double() + merged, 1e-6, "merged weight")
+    # The booster is re-initialised in place: b = keep_b * b (0 by default), a fresh (or
+    # kept), same Parameter objects.
     assert layer.lora_a is a_obj and layer.lora_b is b_obj
-    assert torch.count_nonzero(layer.lora_b) == 0
+    torch.testing.assert_close(layer.lora_b, keep_b * b_before, rtol=0, atol=0)
+    assert torch.count_nonzero(layer.lora_b) == (0 if keep_b == 0 else M)
     drew = not torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
     if keep_a:
         assert torch.equal(layer.lora_a, a_before) and not drew
@@ -189,8 +193,21 @@ def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a):
     with torch.no_grad():
         y_after = layer(x)
     assert_rel_close(y_after, y_before, 1e-5, "forward after merge")
-    # The merged layer is now a plain linear layer with the merged weight.
-    torch.testing.assert_close(y_after, F.linear(x, layer.weight, layer.bias))
+    # Without a kept booster the merged layer is a plain linear layer with the merged weight.
+    if keep_b == 0:
+        torch.testing.assert_close(y_after, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("keep_a, keep_b", [(False, 0.5), (True, 1.0), (True, -0.1)])
+def test_merge_refuses_a_bad_keep_b_before_touching_w(keep_a, keep_b):
+    torch.manual_seed(7)
+    layer = xf.FastRank1Linear(K, M, alpha=1.0)
+    random_adapter(layer)
+    before = [t.detach().clone() for t in (layer.weight, layer.lora_a, layer.lora_b)]
+    with pytest.raises(ValueError, match="keep_b"):
+        layer.merge_(keep_a=keep_a, keep_b=keep_b)
+    for t, old in zip((layer.weight, layer.lora_a, layer.lora_b), before, strict=True):
+        assert torch.equal(t, old)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

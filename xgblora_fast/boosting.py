@@ -104,6 +104,11 @@ class XGBLoRAConfig:
             next booster keeps its trained ``a`` (direction and size), so a restart keeps the
             input direction already found. With the defaults otherwise, 200 steps, seeds 0 / 1:
             0.807 / 0.816 vs 0.809 / 0.809 for ``"random"`` (docs/accuracy_analysis.md).
+        booster_keep: with ``booster_init="carry"`` and every unit in every round, the fraction
+            ``beta`` in [0, 1) of each booster a merge leaves in place: ``W += merge_step (1 -
+            beta) s b a^T``, then ``b <- beta b`` (``a`` kept), so with ``merge_step=1`` the model's
+            function is unchanged and the next round starts where this one ended instead of
+            from ``b = 0``. 0 (default): the whole booster is merged. ``finish()`` merges all.
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
@@ -146,6 +151,7 @@ class XGBLoRAConfig:
     rounding: str = "nearest"
     init: str = "kaiming"
     booster_init: str = "random"
+    booster_keep: float = 0.0
     gradient_init_rounds: int | None = None
     select: str = "gradient"
     power_iters: int = 4
@@ -184,6 +190,10 @@ class XGBLoRAConfig:
             raise ValueError(
                 f"optimizer_reset must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}"
             )
+        if not 0.0 <= self.booster_keep < 1.0:
+            raise ValueError(f"booster_keep must be in [0, 1), got {self.booster_keep}")
+        if self.booster_keep and self.booster_init != "carry":
+            raise ValueError("booster_keep needs booster_init='carry' (a redrawn a loses b)")
         if self.gradient_init_rounds is not None:
             if self.booster_init != "gradient":
                 raise ValueError("gradient_init_rounds needs booster_init='gradient'")
@@ -277,6 +287,12 @@ class Booster:
         self.units_per_round = (
             min(lps, n_units) if isinstance(lps, int) else max(1, round(lps * n_units))
         )
+        if cfg.booster_keep and self.units_per_round < n_units:
+            # A booster left on a layer the next round skips would drop out of its output.
+            raise ValueError(
+                f"booster_keep needs every unit in every round, got {self.units_per_round} of "
+                f"{n_units} (layers_per_round={lps!r})"
+            )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._step_hook = None
@@ -391,9 +407,10 @@ class Booster:
         return ended
 
     def finish(self) -> None:
-        """Merge the boosters of an unfinished round (call once after the last step)."""
-        if self.step_in_round > 0:
-            self._end_round()
+        """Merge the boosters of an unfinished round, and all that ``booster_keep`` left."""
+        kept = any(bool(self.layers[n].lora_b.any()) for n in self.active)
+        if self.step_in_round > 0 or kept:
+            self._end_round(keep=0.0)
         self._disarm_probes()
         for layer in self.layers.values():
             layer.active = False
@@ -468,8 +485,10 @@ class Booster:
         }
 
     @torch.no_grad()
-    def _end_round(self) -> None:
+    def _end_round(self, keep: float | None = None) -> None:
+        """Merge the round's boosters; ``keep`` (default ``booster_keep``) of each stays."""
         cfg = self.config
+        keep = cfg.booster_keep if keep is None else keep
         # All or nothing: a booster with NaN/Inf (a diverged loss) stops the run before any layer
         # of the round is merged, so the weights stay as they were at the round's start.
         bad = [
@@ -490,14 +509,15 @@ class Booster:
         relative: dict[str, float] = {}
         for index, name in enumerate(self.active):
             layer = self.layers[name]
-            scale = cfg.merge_step * layer.alpha
+            step = cfg.merge_step * (1.0 - keep)
+            scale = step * layer.alpha
             norm = abs(scale) * float(layer.lora_a.norm()) * float(layer.lora_b.norm())
             w_norm = self._base_norms[name]
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
             seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
             if cfg.record:  # before the merge, which re-initialises the booster
-                self.records[name].add(self.round, cfg.merge_step, layer, cfg.rounding)
+                self.records[name].add(self.round, step, layer, cfg.rounding)
             try:
                 layer.merge_(
                     cfg.rounding,
@@ -505,6 +525,7 @@ class Booster:
                     cfg.merge_step,
                     self.generator,
                     keep_a=cfg.booster_init == "carry",
+                    keep_b=keep,
                 )
             except Exception:
                 if cfg.record:  # a refused merge (W untouched) leaves no record behind

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dL/dW; carry: each round keeps the a its layer trained last",
     )
     g.add_argument(
+        "--booster-keep",
+        type=float,
+        default=x.booster_keep,
+        help="with --booster-init carry: the fraction of each booster a merge leaves in place",
+    )
+    g.add_argument(
         "--select",
         choices=SELECTIONS,
         default=x.select,

@@ -204,12 +204,16 @@ class FastRank1Linear(nn.Module):
         step_size: float = 1.0,
         generator: torch.Generator | None = None,
         keep_a: bool = False,
+        keep_b: float = 0.0,
     ) -> None:
         """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
 
         ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
         ``keep_a=True`` re-initialises only ``b = 0`` and keeps the trained ``a`` (draws nothing):
         the next booster starts along the input direction this one found.
+        ``keep_b`` in [0, 1) (needs ``keep_a``): merge only ``(1 - keep_b)`` of the booster and
+        leave ``b <- keep_b * b``; with ``step_size=1`` the layer's output is unchanged and the
+        booster goes on from where it was instead of from ``b = 0``.
         ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
 
         FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
@@ -218,7 +222,9 @@ class FastRank1Linear(nn.Module):
         offset, so the gathered ``W`` is bit for bit the single-process merge. Kahan is refused
         there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
         """
-        scale = step_size * self.alpha
+        if not 0.0 <= keep_b < 1.0 or (keep_b and not keep_a):
+            raise ValueError(f"keep_b must be in [0, 1) and needs keep_a=True, got {keep_b}")
+        scale = step_size * (1.0 - keep_b) * self.alpha
         if is_dtensor(self.weight):
             if rounding == "kahan":
                 raise NotImplementedError(
@@ -253,7 +259,7 @@ class FastRank1Linear(nn.Module):
             (self.weight._version, self.weight.data_ptr(), bound) if tracked else None
         )
         if keep_a:
-            self.lora_b.zero_()
+            self.lora_b.mul_(keep_b)  # b is finite here (the merge checked): 0 * b is 0
         else:
             self.reset_(generator)
 
