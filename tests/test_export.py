@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import re
 
 import peft
@@ -51,7 +52,7 @@ def batch(g, n=8):
     return ids, ids[:, 0] % 3  # a learnable label
 
 
-def boost(model, steps=40, lr=2e-2, rounding="nearest", head=True, **config):
+def boost(model, steps=40, lr=2e-2, rounding="nearest", head=True, finish=True, **config):
     """A short XGBLoRA run (2-step rounds, 2 modules a round); the head trains fully."""
     cfg = xf.XGBLoRAConfig(
         **{
@@ -82,7 +83,8 @@ def boost(model, steps=40, lr=2e-2, rounding="nearest", head=True, **config):
         optimizer.step()
         optimizer.zero_grad()
         booster.step(loss.item())
-    booster.finish()
+    if finish:
+        booster.finish()
     model.eval()
     return booster, optimizer
 
@@ -413,6 +415,24 @@ def test_records_survive_a_checkpoint(boosted, tmp_path):
     with pytest.raises(ValueError, match="merge record"):
         fresh.load_state_dict(state)
     assert fresh.records[name].rounds == booster.records[name].rounds
+
+
+def test_export_from_a_checkpoint_warns_about_what_booster_keep_left(tmp_path, caplog):
+    # 4 steps of 2-step rounds: the checkpoint is at a round boundary (step_in_round 0), yet
+    # the merges kept half of every booster, which the adapter lacks until finish().
+    kept = {"layers_per_round": 1.0, "booster_init": "carry", "booster_keep": 0.5}
+    booster, _ = boost(tiny_bert(), steps=4, finish=False, **kept)
+    assert booster.step_in_round == 0
+    for name, finished in (("kept", False), ("finished", True)):
+        if finished:
+            booster.finish()
+        meta = {"lora_export": adapter_metadata(booster.model)}
+        xf.save_checkpoint(tmp_path / name, booster.model, booster, extra=meta)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="xgblora_fast"):
+            export_from_checkpoint(tmp_path / name, tmp_path / f"{name}_adapter")
+        warned = any("unfinished round" in r.getMessage() for r in caplog.records)
+        assert warned is not finished, name
 
 
 def test_cli_finetune_and_export_lora_end_to_end(tiny_folder, sentiment_csv, tmp_path):

@@ -291,7 +291,8 @@ def export_lora_from_checkpoint(
     The records come from the booster state; base model, task type and ``modules_to_save``
     from what the trainer stored in ``extra.json`` (``extra["lora_export"]``, see
     ``adapter_metadata``), the head's weights from ``model.safetensors``. Only merged rounds are
-    exported: a checkpoint taken mid-round lacks that round's boosters.
+    exported: a checkpoint taken mid-round lacks that round's boosters, and one taken with
+    ``booster_keep`` the part of each booster its merges kept (both warn).
     """
     folder = resolve_checkpoint(checkpoint)
     verify_checkpoint(folder)
@@ -301,8 +302,6 @@ def export_lora_from_checkpoint(
     records = {n: MergeRecord.from_state(s) for n, s in state["records"].items()}
     if not records:
         raise _nothing_recorded(str(folder))
-    if state["step_in_round"] > 0:
-        logger.warning("xgblora_fast: %s", _UNFINISHED)
     extra = json.loads((folder / "extra.json").read_text())
     metadata = dict(extra.get(CHECKPOINT_METADATA, {}))
     if base_model_name_or_path is not None:
@@ -310,6 +309,11 @@ def export_lora_from_checkpoint(
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         keys = _head_keys(f.keys(), list(metadata.get("modules_to_save") or []))
         heads = {k: f.get_tensor(k) for k in keys}
+        # A nonzero b is an unmerged booster: mid-round, or what booster_keep kept at a merge.
+        b_keys = [k for k in f.keys() if k.endswith(".lora_b")]  # noqa: SIM118
+        unmerged = any(bool(f.get_tensor(k).any()) for k in b_keys)
+    if state["step_in_round"] > 0 or unmerged:
+        logger.warning("xgblora_fast: %s", _UNFINISHED)
     return _write_adapter(Path(path), records, heads, metadata, rank)
 
 
