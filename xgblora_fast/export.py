@@ -309,10 +309,10 @@ def export_lora_from_checkpoint(
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         keys = _head_keys(f.keys(), list(metadata.get("modules_to_save") or []))
         heads = {k: f.get_tensor(k) for k in keys}
-        # A nonzero b is an unmerged booster: mid-round, or what booster_keep kept at a merge.
+        # Mid-round, or a nonzero b at a round boundary: what booster_keep kept at a merge.
         b_keys = [k for k in f.keys() if k.endswith(".lora_b")]  # noqa: SIM118
-        unmerged = any(bool(f.get_tensor(k).any()) for k in b_keys)
-    if state["step_in_round"] > 0 or unmerged:
+        unmerged = state["step_in_round"] > 0 or any(bool(f.get_tensor(k).any()) for k in b_keys)
+    if unmerged:
         logger.warning("xgblora_fast: %s", _UNFINISHED)
     return _write_adapter(Path(path), records, heads, metadata, rank)
 
