@@ -246,6 +246,40 @@ def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest(
         torch.testing.assert_close(layer.weight, start[name] + up @ down, rtol=1e-5, atol=1e-6)
 
 
+def test_booster_keep_defaults_to_0_9_only_where_it_applies():
+    assert xf.XGBLoRAConfig().booster_init == "carry" and xf.XGBLoRAConfig().booster_keep is None
+    common = dict(kappa=2, kappa_growth=1.0, seed=3)
+    resolved = {
+        "defaults (carry, every unit)": (dict(), 0.9),
+        "a subset of the units": (dict(layers_per_round=2), 0.0),
+        "random restarts": (dict(booster_init="random"), 0.0),
+        "gradient restarts": (dict(booster_init="gradient"), 0.0),
+        "explicit 0": (dict(booster_keep=0.0), 0.0),
+        "explicit 0.5": (dict(booster_keep=0.5), 0.5),
+    }
+    for case, (options, keep) in resolved.items():
+        _, booster, _ = make_run(xf.XGBLoRAConfig(**common, **options))
+        assert booster.booster_keep == keep, case
+        assert booster.config.booster_keep == options.get("booster_keep"), case
+    # The defaults' merge: b <- 0.9 b, the rest (0.1 s b a^T) into W.
+    model, booster, optimizer = make_run(xf.XGBLoRAConfig(**common))
+    train(model, booster, optimizer, 1)
+    x, y = batch(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = {
+        n: (m.weight.detach().clone(), m.lora_b.detach().clone()) for n, m in booster.layers.items()
+    }
+    assert booster.step() is True
+    for name, layer in booster.layers.items():
+        w, b = before[name]
+        assert torch.count_nonzero(b) == WIDTH
+        torch.testing.assert_close(layer.lora_b, 0.9 * b, rtol=0, atol=0)
+        merged = w.double() + 0.1 * torch.outer(b.double(), layer.lora_a.double())
+        torch.testing.assert_close(layer.weight.double(), merged, rtol=1e-6, atol=1e-7)
+
+
 def test_history_records_what_reviewers_asked_for():
     cfg = xf.XGBLoRAConfig(
         kappa=2, kappa_growth=1.0, layers_per_round=0.5, seed=3, rounding="nearest"

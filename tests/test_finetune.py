@@ -85,14 +85,15 @@ def test_finetune_learns_and_saves_a_plain_model(tiny_folder, sentiment_csv, tmp
         assert change["path_layers"] == pytest.approx(path, rel=1e-9)
         assert all(path[n] >= v * (1 - 1e-6) for n, v in expected.items())
         assert change["path_mean"] > change["mean"]
-        assert len(rounds) == 60 // 10
-        # Every layer is active in all 6 rounds here: 5 successive pairs per layer.
+        # 6 rounds, then finish() merges the 90% of each booster the defaults' merges kept.
+        assert len(rounds) == 60 // 10 + 1 and rounds[-1]["steps"] == [60, 60]
+        # Every layer is active in all 7 merges here: 6 successive pairs per layer.
         cosines = summary["successive_cosine"]
-        assert cosines["pairs"] == 5 * len(expected)
+        assert cosines["pairs"] == 6 * len(expected)
         assert (
             -1 <= cosines["piece"] <= 1 and 0 < cosines["a_abs"] <= 1 and 0 < cosines["b_abs"] <= 1
         )
-        # Lags 1-4 (6 merges per layer leave pairs at each); lag 1 is the successive mean.
+        # Lags 1-4 (7 merges per layer leave pairs at each); lag 1 is the successive mean.
         assert list(cosines["piece_by_lag"]) == ["1", "2", "3", "4"]
         assert cosines["piece_by_lag"]["1"] == pytest.approx(cosines["piece"], rel=1e-12)
         assert all(-1 <= c <= 1 for c in cosines["piece_by_lag"].values())

@@ -18,8 +18,10 @@ import gradient_directions
 import schedule
 import torch
 
+from xgblora_fast.boosting import DEFAULT_BOOSTER_KEEP
+
 # The study's entry for the library's defaults.
-DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x)"
+DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% of each booster kept)"
 
 
 @pytest.mark.slow
@@ -259,7 +261,7 @@ def test_study_entries_pin_the_schedule_so_new_defaults_do_not_move_cached_runs(
 
     schedule_options = (
         "--kappa", "--kappa-growth", "--layers-per-round", "--booster-init", "--select",
-        "--rewarm-steps", "--lr", "--alpha",
+        "--rewarm-steps", "--booster-keep", "--lr", "--alpha",
     )  # fmt: skip
     entries = {n: o for n, o in accuracy.METHODS.items() if o[1] == "xgblora"}
     entries["schedule base"] = schedule.BASE
@@ -271,5 +273,9 @@ def test_study_entries_pin_the_schedule_so_new_defaults_do_not_move_cached_runs(
         cli.build_parser().parse_args(["finetune", *accuracy.METHODS[DEFAULTS]])
     )
     expected = finetune.FinetuneConfig().xgblora
-    assert parsed.xgblora == dataclasses.replace(expected, total_steps=parsed.steps)
+    # The row spells out the booster_keep that the default (None) resolves to here.
+    assert expected.booster_keep is None and parsed.xgblora.booster_keep == DEFAULT_BOOSTER_KEEP
+    assert parsed.xgblora == dataclasses.replace(
+        expected, total_steps=parsed.steps, booster_keep=DEFAULT_BOOSTER_KEEP
+    )
     assert parsed.lr == finetune.FinetuneConfig(method="xgblora").lr

@@ -3,9 +3,12 @@
 ``Booster`` drives any model with ``FastRank1Linear`` layers (it injects them if there are
 none). Each round it samples the active layers with its own seeded generator (the same on every
 data-parallel rank), lets only their boosters run, and after the round's steps merges
-them into ``W`` in place, re-initialises them in place (same Parameter objects, seeded, so every
-rank draws the same ``a``) and drops their optimizer state completely (moments *and* step
-count: keeping Adam's step count after zeroing its moments makes the first update ~3x lr).
+them into ``W`` in place, restarts them in place (same Parameter objects) and drops their
+optimizer state completely (moments *and* step count: keeping Adam's step count after zeroing
+its moments makes the first update ~3x lr). By default a restart keeps the layer's ``a`` and
+90% of its booster (``booster_keep``: 10% of ``s b a^T`` is merged, ``b <- 0.9 b``);
+``booster_init="random"`` is the paper's restart: ``b = 0`` and a fresh seeded ``a`` (every
+rank draws the same).
 
 Plain loop::
 
@@ -48,6 +51,8 @@ SAMPLE_BY = ("block", "module")
 BOOSTER_INITS = ("random", "gradient", "carry")
 SELECTIONS = ("uniform", "gradient")
 OPTIMIZER_RESETS = ("all", "momentum", "none")
+# booster_keep=None with booster_init="carry" and every unit in every round.
+DEFAULT_BOOSTER_KEEP = 0.9
 # Per-parameter optimizer state that holds a direction (Adam/AdamW's first moment, SGD's
 # momentum): what optimizer_reset="momentum" zeroes.
 MOMENTUM_STATE = ("exp_avg", "momentum_buffer")
@@ -59,9 +64,11 @@ class XGBLoRAConfig:
     """Every knob of an XGBLoRA run.
 
     The defaults are the best measured on the demo task (MiniLM on movie reviews, 3 seeds per
-    budget; the README's accuracy section): every targeted layer in every round, a random
-    ``a``, and rounds that grow 1.5x from ``kappa=10`` steps (10, 15, 22, 34, ...). The paper's
-    recipe is ``layers_per_round=0.35, kappa_growth=1.0, select="uniform"``.
+    budget; the README's accuracy section): every targeted layer in every round, rounds that
+    grow 1.5x from ``kappa=10`` steps (10, 15, 22, 34, ...), and merges that keep each layer's
+    ``a`` and leave 90% of its booster in place (``booster_init="carry"``, ``booster_keep``
+    0.9). The paper's recipe is ``layers_per_round=0.35, kappa_growth=1.0, select="uniform",
+    booster_init="random"``.
 
     Attributes:
         target_modules: which linear layers get boosters (peft-style: names/suffixes, a regex,
@@ -92,23 +99,28 @@ class XGBLoRAConfig:
             1.4-2x less error than stochastic and needs no memory, kahan 13-30x less after 1000
             merges (``bench/results/precision.md``).
         init: distribution of the random ``a``, ``"kaiming"`` (uniform) or ``"gaussian"``.
-        booster_init: ``"random"`` (default: ``a`` as drawn, ``b = 0``: the paper's recipe),
-            ``"gradient"`` or ``"carry"``. ``"gradient"``: in each round's first step ``a``
-            becomes the top right singular vector of the layer's weight gradient ``G = dy^T x``
-            (same norm as the random draw; ``power_iters`` power iterations over the step's
-            activations), so the booster starts along the best rank-1 descent direction. Needs
+        booster_init: ``"carry"`` (default), ``"random"`` (``a`` redrawn, ``b = 0`` at every
+            restart: the paper's recipe) or ``"gradient"``. ``"gradient"``: in each round's
+            first step ``a`` becomes the top right singular vector of the layer's weight
+            gradient ``G = dy^T x`` (same norm as the random draw; ``power_iters`` power
+            iterations over the step's activations), so the booster starts along the best
+            rank-1 descent direction. Needs
             ``attach(optimizer)`` (it acts just before ``optimizer.step()``). It gained 2.1
             points at 200 steps with 35% of the blocks per round; with every layer it diverges
             on the demo task (MiniLM's pooler: docs/accuracy_analysis.md). ``"carry"``: round 0
-            draws ``a`` as ``"random"`` does; a merge then resets only ``b = 0`` and the layer's
-            next booster keeps its trained ``a`` (direction and size), so a restart keeps the
-            input direction already found. With the defaults otherwise, 200 steps, seeds 0 / 1:
-            0.807 / 0.816 vs 0.809 / 0.809 for ``"random"`` (docs/accuracy_analysis.md).
+            draws ``a`` as ``"random"`` does; a merge then resets only ``b`` (to 0, or scales it by
+            ``booster_keep``) and the layer's next booster keeps its trained ``a`` (direction
+            and size), so a restart keeps the input direction already found. Alone (``b = 0``),
+            200 steps, seeds 0 / 1: 0.807 / 0.816 vs 0.809 / 0.809 for ``"random"``; what
+            makes it the default is ``booster_keep`` (docs/accuracy_analysis.md).
         booster_keep: with ``booster_init="carry"`` and every unit in every round, the fraction
             ``beta`` in [0, 1) of each booster a merge leaves in place: ``W += merge_step (1 -
             beta) s b a^T``, then ``b <- beta b`` (``a`` kept), so with ``merge_step=1`` the model's
             function is unchanged and the next round starts where this one ended instead of
-            from ``b = 0``. 0 (default): the whole booster is merged. ``finish()`` merges all.
+            from ``b = 0``. 0: the whole booster is merged. None (default): 0.9 where it applies
+            (``"carry"``, every unit in every round), else 0. ``finish()`` merges all. On the
+            demo task 0.9 is the only schedule measured at or above LoRA r=1 at 200, 1000 and
+            3000 steps (docs/accuracy_analysis.md).
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
@@ -150,8 +162,8 @@ class XGBLoRAConfig:
     merge_step: float = 1.0
     rounding: str = "nearest"
     init: str = "kaiming"
-    booster_init: str = "random"
-    booster_keep: float = 0.0
+    booster_init: str = "carry"
+    booster_keep: float | None = None
     gradient_init_rounds: int | None = None
     select: str = "gradient"
     power_iters: int = 4
@@ -190,7 +202,7 @@ class XGBLoRAConfig:
             raise ValueError(
                 f"optimizer_reset must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}"
             )
-        if not 0.0 <= self.booster_keep < 1.0:
+        if self.booster_keep is not None and not 0.0 <= self.booster_keep < 1.0:
             raise ValueError(f"booster_keep must be in [0, 1), got {self.booster_keep}")
         if self.booster_keep and self.booster_init != "carry":
             raise ValueError("booster_keep needs booster_init='carry' (a redrawn a loses b)")
@@ -287,12 +299,20 @@ class Booster:
         self.units_per_round = (
             min(lps, n_units) if isinstance(lps, int) else max(1, round(lps * n_units))
         )
-        if cfg.booster_keep and self.units_per_round < n_units:
+        every_unit = self.units_per_round == n_units
+        if cfg.booster_keep and not every_unit:
             # A booster left on a layer the next round skips would drop out of its output.
             raise ValueError(
                 f"booster_keep needs every unit in every round, got {self.units_per_round} of "
                 f"{n_units} (layers_per_round={lps!r})"
             )
+        # The fraction of each booster a merge leaves in place (config None: where it applies).
+        if cfg.booster_keep is not None:
+            self.booster_keep = cfg.booster_keep
+        elif cfg.booster_init == "carry" and every_unit:
+            self.booster_keep = DEFAULT_BOOSTER_KEEP
+        else:
+            self.booster_keep = 0.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._step_hook = None
@@ -486,9 +506,9 @@ class Booster:
 
     @torch.no_grad()
     def _end_round(self, keep: float | None = None) -> None:
-        """Merge the round's boosters; ``keep`` (default ``booster_keep``) of each stays."""
+        """Merge the round's boosters; ``keep`` (default ``self.booster_keep``) of each stays."""
         cfg = self.config
-        keep = cfg.booster_keep if keep is None else keep
+        keep = self.booster_keep if keep is None else keep
         # All or nothing: a booster with NaN/Inf (a diverged loss) stops the run before any layer
         # of the round is merged, so the weights stay as they were at the round's start.
         bad = [

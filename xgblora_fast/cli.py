@@ -103,14 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--booster-init",
         choices=BOOSTER_INITS,
         default=x.booster_init,
-        help="random: a fresh a each round; gradient: a along the top singular vector of "
-        "dL/dW; carry: each round keeps the a its layer trained last",
+        help="carry (default): each round keeps the a its layer trained last; random: a fresh "
+        "a each round; gradient: a along the top singular vector of dL/dW",
     )
     g.add_argument(
         "--booster-keep",
         type=float,
         default=x.booster_keep,
-        help="with --booster-init carry: the fraction of each booster a merge leaves in place",
+        help="with --booster-init carry: the fraction of each booster a merge leaves in place "
+        "(default: 0.9 with every unit in every round, else 0)",
     )
     g.add_argument(
         "--select",

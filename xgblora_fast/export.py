@@ -15,11 +15,10 @@ of rounds the layer was active. The ``Booster`` records each merged booster (``M
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +51,6 @@ _TASK_TYPES = (
     ("LMHeadModel", "CAUSAL_LM"),
 )
 _PEFT_CLASSIFIERS = ("classifier", "score")  # heads peft's SEQ_CLS model always saves and loads
-_UNFINISHED = "the boosters of an unfinished round are not in the adapter (call booster.finish())"
-
-logger = logging.getLogger("xgblora_fast")
 
 
 def _model_of(model_or_booster: nn.Module | Booster) -> nn.Module:
@@ -70,6 +66,23 @@ def _records(model: nn.Module) -> dict[str, MergeRecord]:
         and hasattr(module, "merge_record")
         and module.merge_record.rounds
     }
+
+
+def _with_live_boosters(
+    records: Mapping[str, MergeRecord],
+    live: Mapping[str, tuple[MergeRecord, torch.Tensor, torch.Tensor]],
+    round_index: Callable[[MergeRecord], int],
+) -> dict[str, MergeRecord]:
+    """``records`` plus each ``live`` layer's unmerged booster ``(a, b)`` as one more merge of
+    step 1: what ``Booster.finish()`` would merge (a round in progress, or what
+    ``booster_keep`` left in place). ``live`` maps a name to its record (possibly empty) and
+    vectors; the records passed in are not changed (the extended ones are copies)."""
+    out = dict(records)
+    for name, (record, a, b) in live.items():
+        extended = MergeRecord.from_state(record.state_dict())
+        extended.add_vectors(round_index(record), 1.0, a, b, record.rounding)
+        out[name] = extended
+    return out
 
 
 def _nothing_recorded(where: str) -> ValueError:
@@ -246,6 +259,9 @@ def export_lora(
     [out, T_l]`` (the ``alpha_t s b_t``), fp32, with peft's scaling 1, so
     ``peft.PeftModel.from_pretrained(base_model, path)`` computes ``W_0 x + B (A x)``: the merged
     fine-tune, with the update in fp32 (no merge rounding). Layers never active get no entry.
+    An active booster not yet merged (a round in progress, or the part ``booster_keep`` left in
+    place) is one more rank with step 1, so the adapter is the model as it computes now: what
+    ``Booster.finish()`` would merge.
 
     Args:
         model_or_booster: a ``Booster``, or the model holding its ``FastRank1Linear`` layers
@@ -263,12 +279,20 @@ def export_lora(
         ValueError: nothing recorded, or ``rank < 1``.
     """
     model = _model_of(model_or_booster)
-    records = _records(model)
+    live = {
+        name: (getattr(m, "merge_record", None) or MergeRecord.for_layer(m), m.lora_a, m.lora_b)
+        for name, m in model.named_modules()
+        if isinstance(m, FastRank1Linear) and m.active and bool(m.lora_b.any())
+    }
+    if isinstance(model_or_booster, Booster):
+        current = model_or_booster.round
+        records = _with_live_boosters(_records(model), live, lambda _: current)
+    else:  # the model alone: the round after the layer's last recorded one
+        records = _with_live_boosters(
+            _records(model), live, lambda r: max(r.rounds, default=-1) + 1
+        )
     if not records:
         raise _nothing_recorded(type(model).__name__)
-    layers = [m for m in model.modules() if isinstance(m, FastRank1Linear)]
-    if any(m.active and bool(m.lora_b.any()) for m in layers):
-        logger.warning("xgblora_fast: %s", _UNFINISHED)
     found = adapter_metadata(model)
     metadata = {
         "base_model_name_or_path": base_model_name_or_path or found["base_model_name_or_path"],
@@ -290,9 +314,9 @@ def export_lora_from_checkpoint(
 
     The records come from the booster state; base model, task type and ``modules_to_save``
     from what the trainer stored in ``extra.json`` (``extra["lora_export"]``, see
-    ``adapter_metadata``), the head's weights from ``model.safetensors``. Only merged rounds are
-    exported: a checkpoint taken mid-round lacks that round's boosters, and one taken with
-    ``booster_keep`` the part of each booster its merges kept (both warn).
+    ``adapter_metadata``), the head's weights from ``model.safetensors``; so do the boosters not
+    yet merged (mid-round, or what ``booster_keep`` left in place), which the adapter includes
+    as ``export_lora`` does.
     """
     folder = resolve_checkpoint(checkpoint)
     verify_checkpoint(folder)
@@ -300,8 +324,6 @@ def export_lora_from_checkpoint(
         raise CheckpointError(f"{folder} holds no booster state, so no merge records")
     state = load_structure(folder, "booster")
     records = {n: MergeRecord.from_state(s) for n, s in state["records"].items()}
-    if not records:
-        raise _nothing_recorded(str(folder))
     extra = json.loads((folder / "extra.json").read_text())
     metadata = dict(extra.get(CHECKPOINT_METADATA, {}))
     if base_model_name_or_path is not None:
@@ -309,11 +331,19 @@ def export_lora_from_checkpoint(
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         keys = _head_keys(f.keys(), list(metadata.get("modules_to_save") or []))
         heads = {k: f.get_tensor(k) for k in keys}
-        # Mid-round, or a nonzero b at a round boundary: what booster_keep kept at a merge.
-        b_keys = [k for k in f.keys() if k.endswith(".lora_b")]  # noqa: SIM118
-        unmerged = state["step_in_round"] > 0 or any(bool(f.get_tensor(k).any()) for k in b_keys)
-    if unmerged:
-        logger.warning("xgblora_fast: %s", _UNFINISHED)
+        # Mid-round, or at a round boundary with booster_keep: the boosters not yet merged.
+        live = {}
+        for name in state["active"]:
+            b = f.get_tensor(f"{name}.lora_b")
+            if bool(b.any()):
+                record = records.get(name) or MergeRecord(
+                    float(state["config"]["alpha"]), f.get_slice(f"{name}.lora_a").get_shape()[0],
+                    b.numel(), any(r.fan_in_fan_out for r in records.values()),
+                )  # fmt: skip
+                live[name] = (record, f.get_tensor(f"{name}.lora_a"), b)
+    records = _with_live_boosters(records, live, lambda _: int(state["round"]))
+    if not records:
+        raise _nothing_recorded(str(folder))
     return _write_adapter(Path(path), records, heads, metadata, rank)
 
 

@@ -66,15 +66,21 @@ class MergeRecord:
         """``[T, out]`` fp32: the recorded ``b_t`` (a view: clone it to keep it)."""
         return self._b[: len(self.rounds)]
 
-    @torch.no_grad()
     def add(self, round_index: int, step: float, layer: FastRank1Linear, rounding: str) -> None:
         """Record the booster ``layer`` is about to merge with step ``alpha_t = step``."""
+        self.add_vectors(round_index, step, layer.lora_a, layer.lora_b, rounding)
+
+    @torch.no_grad()
+    def add_vectors(
+        self, round_index: int, step: float, a: torch.Tensor, b: torch.Tensor, rounding: str
+    ) -> None:
+        """Record the booster ``a [in]``, ``b [out]`` (any float dtype, kept as fp32 copies)."""
         count = len(self.rounds)
         if count == self._a.shape[0]:
             capacity = max(16, 2 * count)
             self._a, self._b = self._grown(self._a, capacity), self._grown(self._b, capacity)
         # FSDP2 shards the boosters by rows: the record keeps whole vectors (every rank does).
-        for buffer, vector in ((self._a, layer.lora_a), (self._b, layer.lora_b)):
+        for buffer, vector in ((self._a, a), (self._b, b)):
             vector = vector.detach()
             buffer[count].copy_(vector.full_tensor() if is_dtensor(vector) else vector)
         self.rounds.append(round_index)
