@@ -14,11 +14,12 @@ of rounds the layer was active. The ``Booster`` records each merged booster (``M
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,18 @@ def _records(model: nn.Module) -> dict[str, MergeRecord]:
 def _with_live_boosters(
     records: Mapping[str, MergeRecord],
     live: Mapping[str, tuple[MergeRecord, torch.Tensor, torch.Tensor]],
-    round_index: Callable[[MergeRecord], int],
+    round_index: int | None,
 ) -> dict[str, MergeRecord]:
     """``records`` plus each ``live`` layer's unmerged booster ``(a, b)`` as one more merge of
     step 1: what ``Booster.finish()`` would merge (a round in progress, or what
     ``booster_keep`` left in place). ``live`` maps a name to its record (possibly empty) and
-    vectors; the records passed in are not changed (the extended ones are copies)."""
+    vectors; the records passed in are not changed (the extended ones are copies). The new
+    entry's round is ``round_index``, or (None) the round after the layer's last recorded one."""
     out = dict(records)
     for name, (record, a, b) in live.items():
-        extended = MergeRecord.from_state(record.state_dict())
-        extended.add_vectors(round_index(record), 1.0, a, b, record.rounding)
+        extended = copy.deepcopy(record)
+        current = max(record.rounds, default=-1) + 1 if round_index is None else round_index
+        extended.add_vectors(current, 1.0, a, b, record.rounding)
         out[name] = extended
     return out
 
@@ -284,13 +287,8 @@ def export_lora(
         for name, m in model.named_modules()
         if isinstance(m, FastRank1Linear) and m.active and bool(m.lora_b.any())
     }
-    if isinstance(model_or_booster, Booster):
-        current = model_or_booster.round
-        records = _with_live_boosters(_records(model), live, lambda _: current)
-    else:  # the model alone: the round after the layer's last recorded one
-        records = _with_live_boosters(
-            _records(model), live, lambda r: max(r.rounds, default=-1) + 1
-        )
+    current = model_or_booster.round if isinstance(model_or_booster, Booster) else None
+    records = _with_live_boosters(_records(model), live, current)
     if not records:
         raise _nothing_recorded(type(model).__name__)
     found = adapter_metadata(model)
@@ -336,12 +334,13 @@ def export_lora_from_checkpoint(
         for name in state["active"]:
             b = f.get_tensor(f"{name}.lora_b")
             if bool(b.any()):
+                a = f.get_tensor(f"{name}.lora_a")
                 record = records.get(name) or MergeRecord(
-                    float(state["config"]["alpha"]), f.get_slice(f"{name}.lora_a").get_shape()[0],
-                    b.numel(), any(r.fan_in_fan_out for r in records.values()),
+                    float(state["config"]["alpha"]), a.numel(), b.numel(),
+                    any(r.fan_in_fan_out for r in records.values()),
                 )  # fmt: skip
-                live[name] = (record, f.get_tensor(f"{name}.lora_a"), b)
-    records = _with_live_boosters(records, live, lambda _: int(state["round"]))
+                live[name] = (record, a, b)
+    records = _with_live_boosters(records, live, int(state["round"]))
     if not records:
         raise _nothing_recorded(str(folder))
     return _write_adapter(Path(path), records, heads, metadata, rank)
