@@ -41,18 +41,23 @@ def xgblora(
     return [
         "--method", "xgblora", "--lr", "5e-3", "--alpha", "2", "--kappa", "10",
         "--kappa-growth", growth, "--layers-per-round", layers, "--booster-init", init,
-        "--select", select, "--rewarm-steps", rewarm, "--booster-keep", "0", *extra,
+        "--select", select, "--rewarm-steps", rewarm, "--booster-keep", "0",
+        "--weight-decay", "1e-4", *extra,
     ]  # fmt: skip
 
 
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
     # The defaults (XGBLoRAConfig / the CLI): every layer, rounds of 10, 15, 22, ... steps
-    # (kappa 10 * 1.5**k), each merge 10% of the booster (a kept, b <- 0.9 b). Its 1000- and
-    # 3000-step runs are bench/schedule.py's "L_s all, kappa growth 1.5, keep 0.9" (select
-    # uniform; with every unit active and a carried, the selection changes no number: the
-    # 200-step runs of both agree to the last digit).
-    "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% of each booster kept)": xgblora(
+    # (kappa 10 * 1.5**k), each merge 10% of the booster (a kept, b <- 0.9 b), AdamW weight
+    # decay 0.1 on the boosters. Its runs are bench/schedule.py's "L_s all, kappa growth 1.5,
+    # keep 0.9, weight decay 0.1" (select uniform; with every unit active and a carried, the
+    # selection changes no number: the 200-step runs of both agree to the last digit).
+    "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)": xgblora(
+        "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9", "--weight-decay", "0.1"
+    ),
+    # The defaults before weight decay 0.1 (1e-4): the same rounds and partial merges.
+    "XGBLoRA (all layers, rounds growing 1.5x, 90% kept; earlier defaults)": xgblora(
         "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9"
     ),
     # The defaults before partial merges: the same rounds, every restart from b = 0, random a.
@@ -77,8 +82,13 @@ METHODS = {
     "XGBLoRA (literal recipe)": xgblora("1", "0.35", "random", "uniform", "0"),
     # COLA (Chain of LoRA): rank-1 LoRA on every layer, merged and restarted every kappa steps.
     "COLA-style chain (rank-1, all layers)": xgblora("1", "1.0", "random", "gradient", "0"),
-    "LoRA r=1 (peft)": ["--method", "lora", "--lora-rank", "1", "--lr", "5e-3"],
-    "LoRA r=8 (peft)": ["--method", "lora", "--lora-rank", "8", "--lr", "2e-3"],
+    # LoRA's factors get the boosters' --weight-decay; pinned to the value these runs used.
+    "LoRA r=1 (peft)": [
+        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "1e-4"
+    ],
+    "LoRA r=8 (peft)": [
+        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "1e-4"
+    ],
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],
 }  # fmt: skip
 

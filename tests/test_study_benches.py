@@ -21,7 +21,7 @@ import torch
 from xgblora_fast.boosting import DEFAULT_BOOSTER_KEEP
 
 # The study's entry for the library's defaults.
-DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% of each booster kept)"
+DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)"
 
 
 @pytest.mark.slow
@@ -261,13 +261,17 @@ def test_study_entries_pin_the_schedule_so_new_defaults_do_not_move_cached_runs(
 
     schedule_options = (
         "--kappa", "--kappa-growth", "--layers-per-round", "--booster-init", "--select",
-        "--rewarm-steps", "--booster-keep", "--lr", "--alpha",
+        "--rewarm-steps", "--booster-keep", "--lr", "--alpha", "--weight-decay",
     )  # fmt: skip
     entries = {n: o for n, o in accuracy.METHODS.items() if o[1] == "xgblora"}
     entries["schedule base"] = schedule.BASE
     for name, options in entries.items():
         missing = [flag for flag in schedule_options if flag not in options]
         assert not missing, f"{name} does not pin {missing}"
+    # LoRA's factors take the boosters' weight decay (finetune.prepare_method).
+    for name, options in accuracy.METHODS.items():
+        if options[1] == "lora":
+            assert "--weight-decay" in options, f"{name} does not pin --weight-decay"
     # The study's defaults row is the defaults of the library and the CLI.
     parsed = cli.config_from_args(
         cli.build_parser().parse_args(["finetune", *accuracy.METHODS[DEFAULTS]])
