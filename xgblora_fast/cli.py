@@ -132,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=x.verify_replicas,
         help="under torch.distributed: check every round that all ranks hold the same weights",
     )
-    g.add_argument("--weight-decay", type=float, default=x.weight_decay, help="on the boosters")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=x.weight_decay,
+        help="AdamW's, on the boosters (with --method lora: on LoRA's factors)",
+    )
     g.add_argument(
         "--optimizer-reset",
         choices=OPTIMIZER_RESETS,
