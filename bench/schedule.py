@@ -216,7 +216,8 @@ def write_report(runs: dict[str, dict], out: Path) -> None:
     for (name, steps), accs in ranked:
         mean = statistics.fmean(accs)
         base = table.get(("base", steps))
-        delta = f"{mean - statistics.fmean(base):+.4f}" if base else "-"
+        # A control is another method: its difference to XGBLoRA's base means nothing.
+        delta = f"{mean - statistics.fmean(base):+.4f}" if base and name not in CONTROLS else "-"
         sd = f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else ""
         # A regex's "|" would end the markdown cell.
         opts = " ".join(CONTROLS.get(name, VARIANTS.get(name, []))).replace("|", "\\|") or "-"
