@@ -362,7 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        metavar="NAME",
+        help="methods by name, as in METHODS (default: all)",
+    )
     p.add_argument("--eval-limit", type=int, default=None, help="test rows (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     p.add_argument("--report-only", action="store_true", help="re-render OUT/accuracy.json")

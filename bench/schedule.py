@@ -186,6 +186,11 @@ CONTROLS: dict[str, list[str]] = {
         "--weight-decay",
         "0.1",
     ],
+    "control: LoRA r=8 (peft), weight decay 0.1": [
+        *METHODS["LoRA r=8 (peft)"],
+        "--weight-decay",
+        "0.1",
+    ],
 }
 
 
@@ -257,7 +262,14 @@ def plot(table: dict[tuple[str, int], list[float]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [*VARIANTS, *CONTROLS]
-    p.add_argument("--variants", nargs="+", default=names, choices=names)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=names,
+        choices=names,
+        metavar="NAME",
+        help="variants or controls by name, as in VARIANTS and CONTROLS (default: all)",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
