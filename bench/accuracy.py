@@ -86,8 +86,15 @@ METHODS = {
     "LoRA r=1 (peft)": [
         "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "1e-4"
     ],
+    # LoRA given the boosters' default weight decay (0.1): the study's controls for that remedy.
+    "LoRA r=1 (peft), weight decay 0.1": [
+        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "0.1"
+    ],
     "LoRA r=8 (peft)": [
         "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "1e-4"
+    ],
+    "LoRA r=8 (peft), weight decay 0.1": [
+        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "0.1"
     ],
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],
 }  # fmt: skip

@@ -181,16 +181,8 @@ VARIANTS: dict[str, list[str]] = {
 # Baselines run beside the variants with their own options (not on top of BASE): does a remedy
 # found for XGBLoRA help any adapter trained as long, so that the comparison stays fair?
 CONTROLS: dict[str, list[str]] = {
-    "control: LoRA r=1 (peft), weight decay 0.1": [
-        *METHODS["LoRA r=1 (peft)"],
-        "--weight-decay",
-        "0.1",
-    ],
-    "control: LoRA r=8 (peft), weight decay 0.1": [
-        *METHODS["LoRA r=8 (peft)"],
-        "--weight-decay",
-        "0.1",
-    ],
+    f"control: {name}": METHODS[name]
+    for name in ("LoRA r=1 (peft), weight decay 0.1", "LoRA r=8 (peft), weight decay 0.1")
 }
 
 
