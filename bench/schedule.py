@@ -1,7 +1,7 @@
 """Schedule search for XGBLoRA on the demo task: one factor at a time around a base.
 
-Controls (other methods with a remedy applied, e.g. LoRA with the same weight decay) run beside
-the variants, so that a remedy is credited to XGBLoRA only if it does not help them as much.
+A remedy found here is credited to XGBLoRA only if it does not help the baselines as much: those
+controls (e.g. LoRA with the same weight decay) are rows of ``accuracy.py``'s METHODS, run there.
 
 Every variant is the ``xgblora-fast finetune`` CLI (through ``accuracy.run_one``: own process,
 same steps, batch and data order per seed) with the base options plus its own. Results are
@@ -178,17 +178,6 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "gradient init + select, bf16, kahan": [*GUIDED, "--dtype", "bfloat16", "--rounding", "kahan"],
 }
-# Baselines run beside the variants with their own options (not on top of BASE): does a remedy
-# found for XGBLoRA help any adapter trained as long, so that the comparison stays fair?
-CONTROLS: dict[str, list[str]] = {
-    f"control: {name}": METHODS[name]
-    for name in ("LoRA r=1 (peft), weight decay 0.1", "LoRA r=8 (peft), weight decay 0.1")
-}
-
-
-def options(name: str) -> list[str]:
-    """The ``finetune`` options of a variant (BASE plus its own) or of a control (its own)."""
-    return CONTROLS[name] if name in CONTROLS else [*BASE, *VARIANTS[name]]
 
 
 def write_report(runs: dict[str, dict], out: Path) -> None:
@@ -199,8 +188,7 @@ def write_report(runs: dict[str, dict], out: Path) -> None:
     lines = [
         "# XGBLoRA schedule search on the demo task (MiniLM, movie reviews)",
         "",
-        f"Base: `{' '.join(BASE)}` (the paper's recipe); each variant adds its options to it "
-        '(a "control: ..." row is another method, run with only its own options). '
+        f"Base: `{' '.join(BASE)}` (the paper's recipe); each variant adds its options to it. "
         '"defaults" in a variant\'s name: the defaults before growing rounds (gradient init, '
         "selection by need, L_s 0.67, 3-step re-warm-up), spelled out in its options. "
         "Test accuracy on the 2,114 held-out snippets (mean over the seeds run). Produced by "
@@ -213,11 +201,10 @@ def write_report(runs: dict[str, dict], out: Path) -> None:
     for (name, steps), accs in ranked:
         mean = statistics.fmean(accs)
         base = table.get(("base", steps))
-        # A control is another method: its difference to XGBLoRA's base means nothing.
-        delta = f"{mean - statistics.fmean(base):+.4f}" if base and name not in CONTROLS else "-"
+        delta = f"{mean - statistics.fmean(base):+.4f}" if base else "-"
         sd = f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else ""
         # A regex's "|" would end the markdown cell.
-        opts = " ".join(CONTROLS.get(name, VARIANTS.get(name, []))).replace("|", "\\|") or "-"
+        opts = " ".join(VARIANTS.get(name, [])).replace("|", "\\|") or "-"
         lines.append(f"| {name} | `{opts}` | {steps} | {len(accs)} | {mean:.4f}{sd} | {delta} |")
     (out / "schedule.md").write_text("\n".join(lines) + "\n")
     plot(table, out / "schedule.png")
@@ -253,14 +240,13 @@ def plot(table: dict[tuple[str, int], list[float]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = [*VARIANTS, *CONTROLS]
     p.add_argument(
         "--variants",
         nargs="+",
-        default=names,
-        choices=names,
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
         metavar="NAME",
-        help="variants or controls by name, as in VARIANTS and CONTROLS (default: all)",
+        help="variants by name, as in VARIANTS (default: all)",
     )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
@@ -278,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         if key(name, args.steps, seed) not in runs
     ]
     for name, seed in tqdm(todo, desc="schedule search", unit="run"):
-        summary = run_one([*options(name), "--batch-size", str(args.batch_size)], seed, args)
+        summary = run_one(
+            [*BASE, *VARIANTS[name], "--batch-size", str(args.batch_size)], seed, args
+        )
         summary.update(variant=name, seed=seed)
         runs = save_run(path, key(name, args.steps, seed), summary)
     write_report(runs, args.out)

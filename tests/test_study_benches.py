@@ -240,7 +240,7 @@ def test_every_study_method_and_variant_is_a_valid_command_line():
     from xgblora_fast import cli
 
     lines = {f"method {n}": o for n, o in accuracy.METHODS.items()}
-    lines |= {f"variant {n}": schedule.options(n) for n in [*schedule.VARIANTS, *schedule.CONTROLS]}
+    lines |= {f"variant {n}": [*schedule.BASE, *o] for n, o in schedule.VARIANTS.items()}
     for name, options in lines.items():
         try:
             cli.config_from_args(cli.build_parser().parse_args(["finetune", *options]))
