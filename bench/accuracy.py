@@ -56,6 +56,10 @@ METHODS = {
     "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)": xgblora(
         "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9", "--weight-decay", "0.1"
     ),
+    # The defaults with more decay: each method's weight decay tuned, not only LoRA's given ours.
+    "XGBLoRA (defaults, weight decay 0.3)": xgblora(
+        "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9", "--weight-decay", "0.3"
+    ),
     # The defaults before weight decay 0.1 (1e-4): the same rounds and partial merges.
     "XGBLoRA (all layers, rounds growing 1.5x, 90% kept; earlier defaults)": xgblora(
         "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9"
@@ -90,11 +94,17 @@ METHODS = {
     "LoRA r=1 (peft), weight decay 0.1": [
         "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "0.1"
     ],
+    "LoRA r=1 (peft), weight decay 0.3": [
+        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "0.3"
+    ],
     "LoRA r=8 (peft)": [
         "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "1e-4"
     ],
     "LoRA r=8 (peft), weight decay 0.1": [
         "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "0.1"
+    ],
+    "LoRA r=8 (peft), weight decay 0.3": [
+        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "0.3"
     ],
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],
 }  # fmt: skip
