@@ -46,6 +46,16 @@ def xgblora(
     ]  # fmt: skip
 
 
+def lora(rank: str, lr: str, weight_decay: str) -> list[str]:
+    """peft LoRA options; its factors take the boosters' --weight-decay, so it is pinned."""
+    return [
+        "--method", "lora", "--lora-rank", rank, "--lr", lr, "--weight-decay", weight_decay
+    ]  # fmt: skip
+
+
+# The defaults' schedule (every layer, rounds growing 1.5x, 90% of each booster kept).
+DEFAULT_SCHEDULE = ("1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9")
+
 # name -> extra CLI options; the learning rate of each method is a usual one for it.
 METHODS = {
     # The defaults (XGBLoRAConfig / the CLI): every layer, rounds of 10, 15, 22, ... steps
@@ -54,15 +64,13 @@ METHODS = {
     # keep 0.9, weight decay 0.1" (select uniform; with every unit active and a carried, the
     # selection changes no number: the 200-step runs of both agree to the last digit).
     "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)": xgblora(
-        "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9", "--weight-decay", "0.1"
+        *DEFAULT_SCHEDULE, "--weight-decay", "0.1"
     ),
     # The defaults with more decay: each method's weight decay tuned, not only LoRA's given ours.
-    "XGBLoRA (defaults, weight decay 0.3)": xgblora(
-        "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9", "--weight-decay", "0.3"
-    ),
+    "XGBLoRA (defaults, weight decay 0.3)": xgblora(*DEFAULT_SCHEDULE, "--weight-decay", "0.3"),
     # The defaults before weight decay 0.1 (1e-4): the same rounds and partial merges.
     "XGBLoRA (all layers, rounds growing 1.5x, 90% kept; earlier defaults)": xgblora(
-        "1.5", "1.0", "carry", "gradient", "0", "--booster-keep", "0.9"
+        *DEFAULT_SCHEDULE
     ),
     # The defaults before partial merges: the same rounds, every restart from b = 0, random a.
     "XGBLoRA (all layers, rounds growing 1.5x, random restarts; earlier defaults)": xgblora(
@@ -86,26 +94,13 @@ METHODS = {
     "XGBLoRA (literal recipe)": xgblora("1", "0.35", "random", "uniform", "0"),
     # COLA (Chain of LoRA): rank-1 LoRA on every layer, merged and restarted every kappa steps.
     "COLA-style chain (rank-1, all layers)": xgblora("1", "1.0", "random", "gradient", "0"),
-    # LoRA's factors get the boosters' --weight-decay; pinned to the value these runs used.
-    "LoRA r=1 (peft)": [
-        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "1e-4"
-    ],
+    "LoRA r=1 (peft)": lora("1", "5e-3", "1e-4"),
     # LoRA given the boosters' default weight decay (0.1): the study's controls for that remedy.
-    "LoRA r=1 (peft), weight decay 0.1": [
-        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "0.1"
-    ],
-    "LoRA r=1 (peft), weight decay 0.3": [
-        "--method", "lora", "--lora-rank", "1", "--lr", "5e-3", "--weight-decay", "0.3"
-    ],
-    "LoRA r=8 (peft)": [
-        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "1e-4"
-    ],
-    "LoRA r=8 (peft), weight decay 0.1": [
-        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "0.1"
-    ],
-    "LoRA r=8 (peft), weight decay 0.3": [
-        "--method", "lora", "--lora-rank", "8", "--lr", "2e-3", "--weight-decay", "0.3"
-    ],
+    "LoRA r=1 (peft), weight decay 0.1": lora("1", "5e-3", "0.1"),
+    "LoRA r=1 (peft), weight decay 0.3": lora("1", "5e-3", "0.3"),
+    "LoRA r=8 (peft)": lora("8", "2e-3", "1e-4"),
+    "LoRA r=8 (peft), weight decay 0.1": lora("8", "2e-3", "0.1"),
+    "LoRA r=8 (peft), weight decay 0.3": lora("8", "2e-3", "0.3"),
     "full fine-tuning": ["--method", "full", "--lr", "5e-5"],
 }  # fmt: skip
 
