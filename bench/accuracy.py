@@ -105,6 +105,14 @@ METHODS = {
 }  # fmt: skip
 
 
+# accuracy.md's paired table: these XGBLoRA rows against every method not named "XGBLoRA ...",
+# seed by seed (a seed fixes the data order, so the pair shares that luck).
+PAIRED = (
+    "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)",
+    "XGBLoRA (defaults, weight decay 0.3)",
+)
+
+
 def key(name: str, steps: int, seed: int) -> str:
     """The cache key of one run."""
     return f"{name} | steps={steps} | seed={seed}"
@@ -206,6 +214,7 @@ def write_report(results: dict, out: Path) -> None:
         "`bench/accuracy.py`.",
     ]
     lines += across_budgets(results["runs"])
+    lines += paired_differences(results["runs"])
     for steps, methods in by_budget(results["runs"]).items():
         lora1 = methods.get("LoRA r=1 (peft)")
         lines += [
@@ -275,6 +284,51 @@ def across_budgets(runs: dict[str, dict]) -> list[str]:
             seeds = ", ".join(f"{r['seed']}: {r['after']['accuracy']:.4f}" for r in method_runs)
             cells.append(f"{acc[0]:.4f} ± {acc[1]:.4f} ({seeds})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_difference(ours: list[dict], theirs: list[dict]) -> str:
+    """``ours - theirs`` over the seeds both ran: mean ± standard error, seeds ahead/behind."""
+    theirs_by_seed = {r["seed"]: r["after"]["accuracy"] for r in theirs}
+    diffs = [
+        r["after"]["accuracy"] - theirs_by_seed[r["seed"]]
+        for r in ours
+        if r["seed"] in theirs_by_seed
+    ]
+    if not diffs:
+        return "-"
+    mean = statistics.fmean(diffs)
+    error = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return f"{mean:+.4f}{error} ({len(diffs)} seeds, ahead on {ahead}, behind on {behind})"
+
+
+def paired_differences(runs: dict[str, dict]) -> list[str]:
+    """Markdown lines: per budget, each ``PAIRED`` row minus each baseline, seed by seed."""
+    lines = [
+        "",
+        "## Paired differences",
+        "",
+        "XGBLoRA minus the method of the row, seed by seed over the seeds both ran: mean ± "
+        "standard error of the differences, the number of seeds, and on how many XGBLoRA is "
+        "ahead and behind (the rest: level). Runs of one seed share the data order, so a "
+        "paired difference has less noise than the difference of two means.",
+    ]
+    for steps, methods in by_budget(runs).items():
+        ours = [name for name in PAIRED if name in methods]
+        theirs = [name for name in methods if not name.startswith("XGBLoRA")]
+        if not ours or not theirs:
+            continue
+        lines += [
+            "",
+            f"### {steps} steps",
+            "",
+            "| against | " + " | ".join(ours) + " |",
+            "|---|" + "---|" * len(ours),
+        ]
+        for other in theirs:
+            cells = [paired_difference(methods[name], methods[other]) for name in ours]
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -178,6 +178,35 @@ def test_accuracy_report_has_every_seed_of_every_method_across_budgets(tmp_path)
     assert (tmp_path / "accuracy_budgets.png").stat().st_size > 5000
 
 
+def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
+    """Each PAIRED row minus each non-XGBLoRA row, seed by seed: a seed only one of the two ran
+    is left out, the error is the standard error of the differences, ties count as level."""
+    lora, xgb = "LoRA r=8 (peft)", DEFAULTS
+    runs = {}
+    for name, seed, acc in [
+        (xgb, 0, 0.84), (xgb, 1, 0.85), (xgb, 2, 0.83), (xgb, 3, 0.90),
+        (lora, 0, 0.82), (lora, 1, 0.85), (lora, 2, 0.84), (lora, 4, 0.10),
+    ]:  # fmt: skip
+        runs[accuracy.key(name, 1000, seed)] = {
+            "name": name, "steps": 1000, "seed": seed, "before": {"accuracy": 0.5},
+            "after": {"accuracy": acc}, "trainable_params_per_step": 1,
+            "cumulative_trainable_params": 1, "seconds_per_step": 1.0, "peak_rss_mib": 1.0,
+        }  # fmt: skip
+    accuracy.write_report({"batch_size": 32, "runs": runs}, tmp_path)
+    md = (tmp_path / "accuracy.md").read_text().splitlines()
+    table = md.index("### 1000 steps")
+    assert md[table + 2] == f"| against | {DEFAULTS} |"
+    # Differences +0.02, 0, -0.01: mean +0.0033, sd 0.0153, standard error 0.0088.
+    assert md[table + 4] == (
+        "| LoRA r=8 (peft) | +0.0033 ± 0.0088 (3 seeds, ahead on 1, behind on 1) |"
+    )
+    assert accuracy.paired_difference(runs_of(runs, xgb)[:1], runs_of(runs, lora)[3:]) == "-"
+
+
+def runs_of(runs: dict[str, dict], name: str) -> list[dict]:
+    return sorted((r for r in runs.values() if r["name"] == name), key=lambda r: r["seed"])
+
+
 def test_schedule_table_escapes_a_regex_pipe_so_every_row_keeps_its_six_cells(tmp_path):
     runs = {
         "a": {"variant": "defaults, no pooler", "steps": 5, "after": {"accuracy": 0.8}},
