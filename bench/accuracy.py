@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.methods
         if args.refresh or key(name, args.steps, seed) not in results["runs"]
     ]  # fmt: skip
+    if not todo and not results["runs"]:
+        raise SystemExit(f"{path} holds no runs yet: nothing to report")
     for name, seed in tqdm(todo, desc="accuracy study", unit="run"):
         summary = run_one([*METHODS[name], "--batch-size", str(args.batch_size)], seed, args)
         summary["name"] = name

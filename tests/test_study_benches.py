@@ -203,6 +203,11 @@ def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
     assert accuracy.paired_difference(runs_of(runs, xgb)[:1], runs_of(runs, lora)[3:]) == "-"
 
 
+def test_report_only_on_an_empty_cache_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="holds no runs yet"):
+        accuracy.main(["--report-only", "--out", str(tmp_path)])
+
+
 def runs_of(runs: dict[str, dict], name: str) -> list[dict]:
     return sorted((r for r in runs.values() if r["name"] == name), key=lambda r: r["seed"])
 
