@@ -21,7 +21,7 @@ import torch
 from xgblora_fast.boosting import DEFAULT_BOOSTER_KEEP
 
 # The study's entry for the library's defaults.
-DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.1)"
+DEFAULTS = "XGBLoRA (defaults: all layers, rounds growing 1.5x, 90% kept, weight decay 0.3)"
 
 
 @pytest.mark.slow
