@@ -5,7 +5,8 @@ own process (so its peak resident memory is its own) and is the ``xgblora-fast f
 Runs are cached by ``(method, steps, seed)`` in ``accuracy.json``, so budgets and seeds can be
 added across sessions; ``accuracy.md`` has a table across budgets (every seed's accuracy) and
 one table per budget, ``accuracy.png`` one panel per budget, ``accuracy_budgets.png`` accuracy
-against steps, ``accuracy_curves.png`` the training loss (means of 10 steps) of the runs that
+against steps, ``accuracy_paired.png`` the defaults minus each baseline seed by seed,
+``accuracy_curves.png`` the training loss (means of 10 steps) of the runs that
 recorded it.
 XGBLoRA variants one factor at a time are ``bench/schedule.py``'s job.
 
@@ -256,6 +257,7 @@ def write_report(results: dict, out: Path) -> None:
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "accuracy.png")
     plot_budgets(results, out / "accuracy_budgets.png")
+    plot_paired(results, out / "accuracy_paired.png")
     plot_curves(results, out / "accuracy_curves.png")
 
 
@@ -295,14 +297,19 @@ def across_budgets(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
-def paired_difference(ours: list[dict], theirs: list[dict]) -> str:
-    """``ours - theirs`` over the seeds both ran: mean ± standard error, seeds ahead/behind."""
+def seed_differences(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """``ours - theirs`` accuracy, seed by seed, over the seeds both ran."""
     theirs_by_seed = {r["seed"]: r["after"]["accuracy"] for r in theirs}
-    diffs = [
+    return [
         r["after"]["accuracy"] - theirs_by_seed[r["seed"]]
         for r in ours
         if r["seed"] in theirs_by_seed
     ]
+
+
+def paired_difference(ours: list[dict], theirs: list[dict]) -> str:
+    """``ours - theirs`` over the seeds both ran: mean ± standard error, seeds ahead/behind."""
+    diffs = seed_differences(ours, theirs)
     if not diffs:
         return "-"
     mean = statistics.fmean(diffs)
@@ -338,6 +345,37 @@ def paired_differences(runs: dict[str, dict]) -> list[str]:
             cells = [paired_difference(methods[name], methods[other]) for name in ours]
             lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return lines
+
+
+def plot_paired(results: dict, path: Path) -> None:
+    """The defaults (``PAIRED[0]``) minus each baseline per budget: mean ± standard error, and
+    every seed's difference as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = PAIRED[0]
+    budgets = {s: m for s, m in by_budget(results["runs"]).items() if ours in m}
+    if not budgets:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    for ax, (steps, methods) in zip(axes[0], budgets.items(), strict=True):
+        others = [n for n in methods if not n.startswith("XGBLoRA")]
+        diffs = [seed_differences(methods[ours], methods[n]) for n in others]
+        means = [statistics.fmean(d) for d in diffs]
+        errors = [statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0 for d in diffs]
+        ax.barh(range(len(others)), means, xerr=errors, capsize=3)
+        for i, d in enumerate(diffs):
+            ax.plot(d, [i] * len(d), "k.", alpha=0.6)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(others)), others, fontsize=8)
+        ax.set_xlabel("accuracy difference, same seed (defaults minus the row)")
+        ax.set_title(f"{steps} steps")
+    fig.suptitle(f"{ours}: paired differences (mean ± standard error, seeds as dots)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: dict, path: Path) -> None:

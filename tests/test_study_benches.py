@@ -201,6 +201,7 @@ def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
         "| LoRA r=8 (peft) | +0.0033 ± 0.0088 (3 seeds, ahead on 1, behind on 1) |"
     )
     assert accuracy.paired_difference(runs_of(runs, xgb)[:1], runs_of(runs, lora)[3:]) == "-"
+    assert (tmp_path / "accuracy_paired.png").stat().st_size > 5000
 
 
 def test_report_only_on_an_empty_cache_says_so(tmp_path):
