@@ -155,19 +155,31 @@ def test_concurrent_studies_keep_each_others_runs_and_borrowed_runs_are_named(tm
     assert "- b: schedule.py" in md and "- a:" not in md
 
 
+def fake_runs(rows: list[tuple[str, int, int, float]]) -> dict[str, dict]:
+    """Study runs from ``(method, steps, seed, accuracy)``, the other fields placeholders."""
+    return {
+        accuracy.key(name, steps, seed): {
+            "name": name,
+            "steps": steps,
+            "seed": seed,
+            "before": {"accuracy": 0.5},
+            "after": {"accuracy": acc},
+            "trainable_params_per_step": 1,
+            "cumulative_trainable_params": 1,
+            "seconds_per_step": 1.0,
+            "peak_rss_mib": 1.0,
+        }
+        for name, steps, seed, acc in rows
+    }
+
+
 def test_accuracy_report_has_every_seed_of_every_method_across_budgets(tmp_path):
     """The summary table puts each method on one row (in METHODS order, whatever order the runs
     came in) with a cell per budget holding the mean, sd and every seed; "-" where not run."""
     lora, xgb = "LoRA r=1 (peft)", DEFAULTS
-    runs = {}
-    for name, steps, seed, acc in [
-        (lora, 200, 1, 0.80), (lora, 200, 0, 0.82), (xgb, 1000, 0, 0.83), (xgb, 200, 0, 0.71),
-    ]:  # fmt: skip
-        runs[accuracy.key(name, steps, seed)] = {
-            "name": name, "steps": steps, "seed": seed, "before": {"accuracy": 0.5},
-            "after": {"accuracy": acc}, "trainable_params_per_step": 1,
-            "cumulative_trainable_params": 1, "seconds_per_step": 1.0, "peak_rss_mib": 1.0,
-        }  # fmt: skip
+    runs = fake_runs(
+        [(lora, 200, 1, 0.80), (lora, 200, 0, 0.82), (xgb, 1000, 0, 0.83), (xgb, 200, 0, 0.71)]
+    )
     accuracy.write_report({"batch_size": 32, "runs": runs}, tmp_path)
     md = (tmp_path / "accuracy.md").read_text().splitlines()
     header = md.index("| method | 200 steps | 1000 steps |")
@@ -182,16 +194,10 @@ def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
     """Each PAIRED row minus each non-XGBLoRA row, seed by seed: a seed only one of the two ran
     is left out, the error is the standard error of the differences, ties count as level."""
     lora, xgb = "LoRA r=8 (peft)", DEFAULTS
-    runs = {}
-    for name, seed, acc in [
-        (xgb, 0, 0.84), (xgb, 1, 0.85), (xgb, 2, 0.83), (xgb, 3, 0.90),
-        (lora, 0, 0.82), (lora, 1, 0.85), (lora, 2, 0.84), (lora, 4, 0.10),
-    ]:  # fmt: skip
-        runs[accuracy.key(name, 1000, seed)] = {
-            "name": name, "steps": 1000, "seed": seed, "before": {"accuracy": 0.5},
-            "after": {"accuracy": acc}, "trainable_params_per_step": 1,
-            "cumulative_trainable_params": 1, "seconds_per_step": 1.0, "peak_rss_mib": 1.0,
-        }  # fmt: skip
+    runs = fake_runs(
+        [(xgb, 1000, seed, acc) for seed, acc in [(0, 0.84), (1, 0.85), (2, 0.83), (3, 0.90)]]
+        + [(lora, 1000, seed, acc) for seed, acc in [(0, 0.82), (1, 0.85), (2, 0.84), (4, 0.1)]]
+    )
     accuracy.write_report({"batch_size": 32, "runs": runs}, tmp_path)
     md = (tmp_path / "accuracy.md").read_text().splitlines()
     table = md.index("### 1000 steps")
