@@ -298,6 +298,11 @@ def across_budgets(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def baselines(methods: dict[str, list[dict]]) -> list[str]:
+    """The methods the ``PAIRED`` rows are compared with: every one not named "XGBLoRA ..."."""
+    return [name for name in methods if not name.startswith("XGBLoRA")]
+
+
 def seed_differences(ours: list[dict], theirs: list[dict]) -> list[float]:
     """``ours - theirs`` accuracy, seed by seed, over the seeds both ran."""
     theirs_by_seed = {r["seed"]: r["after"]["accuracy"] for r in theirs}
@@ -313,8 +318,8 @@ def paired_difference(ours: list[dict], theirs: list[dict]) -> str:
     diffs = seed_differences(ours, theirs)
     if not diffs:
         return "-"
-    mean = statistics.fmean(diffs)
-    error = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
+    mean, sd = mean_sd(diffs)
+    error = f" ± {sd / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
     ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return f"{mean:+.4f}{error} ({len(diffs)} seeds, ahead on {ahead}, behind on {behind})"
 
@@ -332,7 +337,7 @@ def paired_differences(runs: dict[str, dict]) -> list[str]:
     ]
     for steps, methods in by_budget(runs).items():
         ours = [name for name in PAIRED if name in methods]
-        theirs = [name for name in methods if not name.startswith("XGBLoRA")]
+        theirs = baselines(methods)
         if not ours or not theirs:
             continue
         lines += [
@@ -362,11 +367,11 @@ def plot_paired(results: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
     for ax, (steps, methods) in zip(axes[0], budgets.items(), strict=True):
-        others = [n for n in methods if not n.startswith("XGBLoRA")]
+        others = baselines(methods)
         diffs = [seed_differences(methods[ours], methods[n]) for n in others]
-        means = [statistics.fmean(d) for d in diffs]
-        errors = [statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0 for d in diffs]
-        ax.barh(range(len(others)), means, xerr=errors, capsize=3)
+        stats = [mean_sd(d) for d in diffs]
+        errors = [sd / len(d) ** 0.5 for (_, sd), d in zip(stats, diffs, strict=True)]
+        ax.barh(range(len(others)), [m for m, _ in stats], xerr=errors, capsize=3)
         for i, d in enumerate(diffs):
             ax.plot(d, [i] * len(d), "k.", alpha=0.6)
         ax.axvline(0, color="grey", linewidth=0.8)

@@ -206,17 +206,14 @@ def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
     assert md[table + 4] == (
         "| LoRA r=8 (peft) | +0.0033 ± 0.0088 (3 seeds, ahead on 1, behind on 1) |"
     )
-    assert accuracy.paired_difference(runs_of(runs, xgb)[:1], runs_of(runs, lora)[3:]) == "-"
+    by_method = accuracy.by_budget(runs)[1000]  # each method's runs in seed order
+    assert accuracy.paired_difference(by_method[xgb][:1], by_method[lora][3:]) == "-"
     assert (tmp_path / "accuracy_paired.png").stat().st_size > 5000
 
 
 def test_report_only_on_an_empty_cache_says_so(tmp_path):
     with pytest.raises(SystemExit, match="holds no runs yet"):
         accuracy.main(["--report-only", "--out", str(tmp_path)])
-
-
-def runs_of(runs: dict[str, dict], name: str) -> list[dict]:
-    return sorted((r for r in runs.values() if r["name"] == name), key=lambda r: r["seed"])
 
 
 def test_schedule_table_escapes_a_regex_pipe_so_every_row_keeps_its_six_cells(tmp_path):
