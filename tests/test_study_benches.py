@@ -201,6 +201,7 @@ def test_paired_differences_use_only_the_seeds_both_methods_ran(tmp_path):
     accuracy.write_report({"batch_size": 32, "runs": runs}, tmp_path)
     md = (tmp_path / "accuracy.md").read_text().splitlines()
     table = md.index("### 1000 steps")
+    assert accuracy.PAIRED[0] == DEFAULTS  # the paired plot's row is the library's defaults
     assert md[table + 2] == f"| against | {DEFAULTS} |"
     # Differences +0.02, 0, -0.01: mean +0.0033, sd 0.0153, standard error 0.0088.
     assert md[table + 4] == (
