@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from process_group import free_port
+from process_group import free_port, leave_process_group
 
 import xgblora_fast as xf
 
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             os.path.join(out_dir, "result.pt"),
         )
     torch.save(torch.tensor(local_losses), os.path.join(out_dir, f"loss{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _model() -> nn.Module:

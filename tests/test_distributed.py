@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from kernel_checks import bits_of
-from process_group import free_port
+from process_group import free_port, leave_process_group
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, distribute_tensor
@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
         result["error"] = str(e)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _spawn(tmp_path, world: int, mode: str, worker=_worker) -> list[dict]:
@@ -287,7 +287,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
         result["error"] = f"{type(e).__name__}: {e}"
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow
