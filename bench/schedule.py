@@ -39,6 +39,8 @@ NO_POOLER = ["--target-modules", r".*\.layer\.\d+\..*(query|key|value|dense)"]
 # The current defaults' schedule on top of BASE: every layer, rounds growing 1.5x.
 GROWING = ["--layers-per-round", "1.0", "--kappa-growth", "1.5"]
 CARRY = ["--booster-init", "carry"]
+# The current defaults (the accuracy study's defaults row) on top of BASE.
+CURRENT = [*GROWING, *CARRY, "--booster-keep", "0.9", "--weight-decay", "0.3"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
@@ -148,6 +150,14 @@ VARIANTS: dict[str, list[str]] = {
         "--lr",
         "3e-3",
     ],
+    # The defaults' rounds grow to 500 steps by step 3000, so few merges happen late and the
+    # live booster holds most of what the layer learned along one slowly turning a (merged
+    # pieces: cosine 0.62 at lag 1): fit like LoRA r=1. Short rounds leak 10% of the booster
+    # into W every kappa steps, so a can turn without taking the older pieces with it.
+    "current defaults, rounds of 10": [*CURRENT, "--kappa-growth", "1.0"],
+    "current defaults, rounds of 30": [*CURRENT, "--kappa-growth", "1.0", "--kappa", "30"],
+    # ... or each merge turns the kept booster to a fresh a (the difference goes into W).
+    "current defaults, redraw a": [*CURRENT, "--booster-init", "redraw"],
     "L_s all, kappa growth 1.5, keep 0.5, reset none": [
         *GROWING,
         *CARRY,

@@ -69,7 +69,7 @@ def test_config_validation():
     for keep in (-0.1, 1.0):
         with pytest.raises(ValueError, match="booster_keep must be in"):
             xf.XGBLoRAConfig(booster_init="carry", booster_keep=keep)
-    with pytest.raises(ValueError, match="booster_keep needs booster_init='carry'"):
+    with pytest.raises(ValueError, match="booster_keep needs booster_init in"):
         xf.XGBLoRAConfig(booster_init="random", booster_keep=0.5)
     with pytest.raises(ValueError, match="every unit in every round"):
         make_run(xf.XGBLoRAConfig(booster_init="carry", booster_keep=0.5, layers_per_round=2))
@@ -195,10 +195,13 @@ def test_carry_keeps_each_trained_a_across_merges_and_draws_round_0_like_random(
     assert carry.round == 3
 
 
-def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest():
+@pytest.mark.parametrize("init", ["carry", "redraw"])
+def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest(init):
+    """carry: W += (1 - beta) s b a^T, b <- beta b. redraw: a fresh a' of the same norm,
+    W += s b (a - beta a')^T. Either way the output is unchanged and the records add up to W."""
     keep = 0.25
     cfg = xf.XGBLoRAConfig(
-        kappa=2, kappa_growth=1.0, booster_init="carry", booster_keep=keep, seed=4, alpha=1.5
+        kappa=2, kappa_growth=1.0, booster_init=init, booster_keep=keep, seed=4, alpha=1.5
     )
     model, booster, optimizer = make_run(cfg)
     start = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
@@ -226,11 +229,18 @@ def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest(
         for name, layer in booster.layers.items():
             w, a, b = before[name]
             assert torch.count_nonzero(b) == WIDTH  # the round trained every booster
-            assert torch.equal(layer.lora_a, a)
             torch.testing.assert_close(layer.lora_b, keep * b, rtol=0, atol=0)
-            merged = w.double() + (1 - keep) * 1.5 * torch.outer(b.double(), a.double())
+            a_next = layer.lora_a.detach().double()
+            if init == "carry":
+                assert torch.equal(layer.lora_a, a)
+                merged = w.double() + (1 - keep) * 1.5 * torch.outer(b.double(), a.double())
+            else:
+                assert torch.dist(a_next, a.double()) > 0.1 * a.norm()  # a new direction
+                torch.testing.assert_close(a_next.norm(), a.double().norm())
+                merged = w.double() + 1.5 * torch.outer(b.double(), a.double() - keep * a_next)
             torch.testing.assert_close(layer.weight.double(), merged, rtol=1e-6, atol=1e-7)
-            assert booster.records[name].steps[-1] == pytest.approx(1 - keep)
+            step = 1 - keep if init == "carry" else 1.0
+            assert booster.records[name].steps[-1] == pytest.approx(step)
 
     # A round just ended, so nothing is unfinished, yet finish() merges what the merges kept.
     y_before, _ = snapshot()
@@ -241,7 +251,7 @@ def test_booster_keep_merges_part_keeps_the_function_and_finish_merges_the_rest(
     for name, layer in booster.layers.items():
         assert torch.count_nonzero(layer.lora_b) == 0
         record = booster.records[name]
-        assert record.steps == [pytest.approx(1 - keep)] * 3 + [1.0]
+        assert record.steps == [pytest.approx(1 - keep if init == "carry" else 1.0)] * 3 + [1.0]
         up, down = record.factors()
         torch.testing.assert_close(layer.weight, start[name] + up @ down, rtol=1e-5, atol=1e-6)
 

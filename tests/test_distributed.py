@@ -264,6 +264,7 @@ def _refusals(mesh) -> dict[str, str]:
     refused = {}
     for what, call in (
         ("kahan", lambda: sharded.merge_("kahan")),
+        ("next_a", lambda: sharded.merge_(keep_a=True, next_a=torch.ones(6))),
         ("merged_weight", sharded.merged_weight),
         ("to_linear", sharded.to_linear),
         ("replicate", lambda: replicated.merge_("stochastic", seed=3)),
@@ -308,6 +309,7 @@ def test_fsdp2_boosting_gathers_the_single_process_weights_bit_for_bit(tmp_path)
         assert r["weights_guided"] == single_guided
         refused = r["refused"]
         assert "FSDP2-sharded weight" in refused["kahan"]
+        assert "next_a on an FSDP2-sharded weight" in refused["next_a"]
         assert "full_tensor()" in refused["merged_weight"]
         assert "full_tensor()" in refused["to_linear"]
         assert "(Replicate(),)" in refused["replicate"]

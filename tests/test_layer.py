@@ -198,14 +198,46 @@ def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a, keep_
         torch.testing.assert_close(y_after, F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("keep_a, keep_b", [(False, 0.5), (True, 1.0), (True, -0.1)])
-def test_merge_refuses_a_bad_keep_b_before_touching_w(keep_a, keep_b):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep_b", [0.0, 0.6])
+def test_merge_with_next_a_keeps_the_output_and_moves_the_booster_to_it(backend, keep_b):
+    """W += s b (a - keep_b a')^T, a <- a', b <- keep_b b: the same output, float64-checked."""
+    torch.manual_seed(8)
+    layer = xf.FastRank1Linear(K, M, bias=True, alpha=1.25, backend=backend)
+    random_adapter(layer)
+    w0, a0, b0 = (t.detach().double().clone() for t in (layer.weight, layer.lora_a, layer.lora_b))
+    next_a = torch.randn(K)
+    direction, step = layer.merge_direction(1.0, keep_b, next_a)
+    x = torch.randn(3, 5, K)
+    with torch.no_grad():
+        y_before = layer(x)
+    layer.merge_(keep_a=True, keep_b=keep_b, next_a=next_a)
+    expected = w0 + 1.25 * torch.outer(b0, a0 - keep_b * next_a.double())
+    assert_rel_close(layer.weight, expected, 1e-6, "merged weight")
+    assert step == 1.0 and torch.allclose(direction.double(), a0 - keep_b * next_a.double())
+    assert torch.equal(layer.lora_a, next_a)
+    torch.testing.assert_close(layer.lora_b, keep_b * layer.lora_b.new_tensor(b0), rtol=0, atol=0)
+    with torch.no_grad():
+        assert_rel_close(layer(x), y_before.double(), 1e-5, "forward after merge")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(keep_a=False, keep_b=0.5), "keep_b"),
+        (dict(keep_a=True, keep_b=1.0), "keep_b"),
+        (dict(keep_a=True, keep_b=-0.1), "keep_b"),
+        (dict(keep_a=False, next_a=torch.ones(K)), "next_a needs keep_a"),
+        (dict(keep_a=True, keep_b=0.5, next_a=torch.ones(K + 1)), "next_a must have shape"),
+    ],
+)
+def test_merge_refuses_bad_options_before_touching_w(options, match):
     torch.manual_seed(7)
     layer = xf.FastRank1Linear(K, M, alpha=1.0)
     random_adapter(layer)
     before = [t.detach().clone() for t in (layer.weight, layer.lora_a, layer.lora_b)]
-    with pytest.raises(ValueError, match="keep_b"):
-        layer.merge_(keep_a=keep_a, keep_b=keep_b)
+    with pytest.raises(ValueError, match=match):
+        layer.merge_(**options)
     for t, old in zip((layer.weight, layer.lora_a, layer.lora_b), before, strict=True):
         assert torch.equal(t, old)
 

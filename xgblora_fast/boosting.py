@@ -48,10 +48,12 @@ from xgblora_fast.patching import inject
 from xgblora_fast.records import MergeRecord
 
 SAMPLE_BY = ("block", "module")
-BOOSTER_INITS = ("random", "gradient", "carry")
+BOOSTER_INITS = ("random", "gradient", "carry", "redraw")
+# The inits whose merges keep the booster (booster_keep applies): "redraw" keeps b, not a.
+KEEPING_INITS = ("carry", "redraw")
 SELECTIONS = ("uniform", "gradient")
 OPTIMIZER_RESETS = ("all", "momentum", "none")
-# booster_keep=None with booster_init="carry" and every unit in every round.
+# booster_keep=None with a KEEPING_INITS init and every unit in every round.
 DEFAULT_BOOSTER_KEEP = 0.9
 # Per-parameter optimizer state that holds a direction (Adam/AdamW's first moment, SGD's
 # momentum): what optimizer_reset="momentum" zeroes.
@@ -113,14 +115,20 @@ class XGBLoRAConfig:
             and size), so a restart keeps the input direction already found. Alone (``b = 0``),
             200 steps, seeds 0 / 1: 0.807 / 0.816 vs 0.809 / 0.809 for ``"random"``; what
             makes it the default is ``booster_keep`` (docs/accuracy_analysis.md).
-        booster_keep: with ``booster_init="carry"`` and every unit in every round, the fraction
-            ``beta`` in [0, 1) of each booster a merge leaves in place: ``W += merge_step (1 -
-            beta) s b a^T``, then ``b <- beta b`` (``a`` kept), so with ``merge_step=1`` the model's
-            function is unchanged and the next round starts where this one ended instead of
-            from ``b = 0``. 0: the whole booster is merged. None (default): 0.9 where it applies
-            (``"carry"``, every unit in every round), else 0. ``finish()`` merges all. On the
-            demo task 0.9 is the only schedule measured at or above LoRA r=1 at 200, 1000 and
-            3000 steps (docs/accuracy_analysis.md).
+            ``"redraw"``: as ``"carry"``, but every merge gives the kept booster a fresh seeded
+            ``a`` (the norm of the trained one) and puts the difference into ``W``: ``W += s b
+            (a - beta a')^T``, ``a <- a'``, ``b <- beta b`` (``merge_step=1``), so the function
+            is unchanged and each round explores a new input direction while the older ones
+            stay in ``W``; with ``booster_keep=0`` it is ``"random"`` that keeps ``|a|``.
+        booster_keep: with ``booster_init="carry"`` or ``"redraw"`` and every unit in every
+            round, the fraction ``beta`` in [0, 1) of each booster a merge leaves in place:
+            ``W += merge_step (1 - beta) s b a^T``, then ``b <- beta b`` (``a`` kept), so with
+            ``merge_step=1`` the model's function is unchanged and the next round starts where
+            this one ended instead of from ``b = 0``. 0: the whole booster is merged. None
+            (default): 0.9 where it applies (``"carry"`` or ``"redraw"``, every unit in every
+            round), else 0. ``finish()`` merges all. On the demo task 0.9 is the only schedule
+            measured at or above LoRA r=1 at 200, 1000 and 3000 steps
+            (docs/accuracy_analysis.md).
         gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
             from the gradient; later rounds keep the random ``a`` (None: every round). Demo
             task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
@@ -209,8 +217,11 @@ class XGBLoRAConfig:
             )
         if self.booster_keep is not None and not 0.0 <= self.booster_keep < 1.0:
             raise ValueError(f"booster_keep must be in [0, 1), got {self.booster_keep}")
-        if self.booster_keep and self.booster_init != "carry":
-            raise ValueError("booster_keep needs booster_init='carry' (a redrawn a loses b)")
+        if self.booster_keep and self.booster_init not in KEEPING_INITS:
+            raise ValueError(
+                f"booster_keep needs booster_init in {KEEPING_INITS} (a restart from b = 0 "
+                "keeps nothing)"
+            )
         if self.gradient_init_rounds is not None:
             if self.booster_init != "gradient":
                 raise ValueError("gradient_init_rounds needs booster_init='gradient'")
@@ -314,7 +325,7 @@ class Booster:
         # The fraction of each booster a merge leaves in place (config None: where it applies).
         if cfg.booster_keep is not None:
             self.booster_keep = cfg.booster_keep
-        elif cfg.booster_init == "carry" and every_unit:
+        elif cfg.booster_init in KEEPING_INITS and every_unit:
             self.booster_keep = DEFAULT_BOOSTER_KEEP
         else:
             self.booster_keep = 0.0
@@ -534,23 +545,26 @@ class Booster:
         relative: dict[str, float] = {}
         for index, name in enumerate(self.active):
             layer = self.layers[name]
-            step = cfg.merge_step * (1.0 - keep)
-            scale = step * layer.alpha
-            norm = abs(scale) * float(layer.lora_a.norm()) * float(layer.lora_b.norm())
+            next_a = self._redrawn_a(layer) if cfg.booster_init == "redraw" else None
+            direction, step = layer.merge_direction(cfg.merge_step, keep, next_a)
+            norm = abs(step * layer.alpha) * float(direction.norm()) * float(layer.lora_b.norm())
             w_norm = self._base_norms[name]
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
             seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
             if cfg.record:  # before the merge, which re-initialises the booster
-                self.records[name].add(self.round, step, layer, cfg.rounding)
+                self.records[name].add_vectors(
+                    self.round, step, direction, layer.lora_b, cfg.rounding
+                )
             try:
                 layer.merge_(
                     cfg.rounding,
                     seed,
                     cfg.merge_step,
                     self.generator,
-                    keep_a=cfg.booster_init == "carry",
+                    keep_a=cfg.booster_init in KEEPING_INITS,
                     keep_b=keep,
+                    next_a=next_a,
                 )
             except Exception:
                 if cfg.record:  # a refused merge (W untouched) leaves no record behind
@@ -584,6 +598,11 @@ class Booster:
         self._loss_count = 0
         if cfg.verify_replicas:
             verify_replicas(self, where=f" after round {self.round - 1}")
+
+    def _redrawn_a(self, layer: FastRank1Linear) -> torch.Tensor:
+        """``booster_init="redraw"``: a fresh seeded ``a`` with the norm of the layer's ``a``."""
+        a = layer.draw_a(self.generator)
+        return a * (layer.lora_a.detach().float().norm() / a.float().norm().clamp_min(1e-30))
 
     def _reset_optimizer_state(self, layer: FastRank1Linear) -> None:
         reset = self.config.optimizer_reset

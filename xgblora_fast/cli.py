@@ -104,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BOOSTER_INITS,
         default=x.booster_init,
         help="carry (default): each round keeps the a its layer trained last; random: a fresh "
-        "a each round; gradient: a along the top singular vector of dL/dW",
+        "a each round; gradient: a along the top singular vector of dL/dW; redraw: as carry, "
+        "with a fresh a at each merge and the difference merged into W",
     )
     g.add_argument(
         "--booster-keep",
         type=float,
         default=x.booster_keep,
-        help="with --booster-init carry: the fraction of each booster a merge leaves in place "
+        help="with --booster-init carry/redraw: the fraction of each booster a merge leaves "
+        "in place "
         "(default: 0.9 with every unit in every round, else 0)",
     )
     g.add_argument(

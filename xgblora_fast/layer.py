@@ -186,15 +186,37 @@ class FastRank1Linear(nn.Module):
         shards together are the single-process draw, and every generator advances alike.
         """
         local_a, start = local_rows(self.lora_a)
-        a = local_a if local_a.shape[0] == self.in_features else local_a.new_empty(self.in_features)
+        local_a.copy_(self.draw_a(generator)[start : start + local_a.shape[0]])
+        self.lora_b.zero_()
+
+    @torch.no_grad()
+    def draw_a(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh random ``a``: ``[in]``, in ``lora_a``'s dtype and device (the whole vector,
+        also when ``a`` is sharded); ``init`` picks the distribution."""
+        a = torch.empty(self.in_features, dtype=self.lora_a.dtype, device=self.lora_a.device)
         width = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         if self.init == "kaiming":
-            a.uniform_(-width, width, generator=generator)
-        else:
-            a.normal_(0.0, width, generator=generator)
-        if a is not local_a:
-            local_a.copy_(a[start : start + local_a.shape[0]])
-        self.lora_b.zero_()
+            return a.uniform_(-width, width, generator=generator)
+        return a.normal_(0.0, width, generator=generator)
+
+    @torch.no_grad()
+    def merge_direction(
+        self, step_size: float = 1.0, keep_b: float = 0.0, next_a: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """``(v [in], t)``: ``merge_`` adds ``t s b v^T`` to ``W`` (``MergeRecord`` keeps them).
+
+        Without ``next_a``: ``v = a``, ``t = step_size (1 - keep_b)``. With ``next_a`` (the
+        booster's next ``a``): ``v = step_size (1 - keep_b) a + keep_b (a - next_a)``, ``t = 1``,
+        so that with ``step_size = 1`` the kept booster ``s keep_b b next_a^T`` plus ``W``
+        compute what ``W + s b a^T`` did.
+        """
+        a = self.lora_a.full_tensor() if is_dtensor(self.lora_a) else self.lora_a
+        if next_a is None:
+            return a, step_size * (1.0 - keep_b)
+        if next_a.shape != a.shape:
+            raise ValueError(f"next_a must have shape {tuple(a.shape)}, got {tuple(next_a.shape)}")
+        next_a = next_a.to(a.dtype)
+        return step_size * (1.0 - keep_b) * a + keep_b * (a - next_a), 1.0
 
     @torch.no_grad()
     def merge_(
@@ -205,6 +227,7 @@ class FastRank1Linear(nn.Module):
         generator: torch.Generator | None = None,
         keep_a: bool = False,
         keep_b: float = 0.0,
+        next_a: torch.Tensor | None = None,
     ) -> None:
         """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
 
@@ -214,6 +237,9 @@ class FastRank1Linear(nn.Module):
         ``keep_b`` in [0, 1) (needs ``keep_a``): merge only ``(1 - keep_b)`` of the booster and
         leave ``b <- keep_b * b``; with ``step_size=1`` the layer's output is unchanged and the
         booster goes on from where it was instead of from ``b = 0``.
+        ``next_a`` ``[in]`` (needs ``keep_a``): the kept booster goes on along this ``a``
+        instead; ``W`` takes the difference (``merge_direction``), so with ``step_size=1`` the
+        output is still unchanged. Not on FSDP2-sharded layers (NotImplementedError).
         ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
 
         FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
@@ -224,7 +250,12 @@ class FastRank1Linear(nn.Module):
         """
         if not 0.0 <= keep_b < 1.0 or (keep_b and not keep_a):
             raise ValueError(f"keep_b must be in [0, 1) and needs keep_a=True, got {keep_b}")
-        scale = step_size * (1.0 - keep_b) * self.alpha
+        if next_a is not None and not keep_a:
+            raise ValueError("next_a needs keep_a=True (it replaces the kept a)")
+        if next_a is not None and is_dtensor(self.weight):
+            raise NotImplementedError("next_a on an FSDP2-sharded weight (booster_init='redraw')")
+        a, step = self.merge_direction(step_size, keep_b, next_a)
+        scale = step * self.alpha
         if is_dtensor(self.weight):
             if rounding == "kahan":
                 raise NotImplementedError(
@@ -232,10 +263,10 @@ class FastRank1Linear(nn.Module):
                     "sharded with it; use 'stochastic' or 'nearest'"
                 )
             weight, start = local_rows(self.weight)
-            a, b = (p.full_tensor() if is_dtensor(p) else p for p in (self.lora_a, self.lora_b))
+            b = self.lora_b.full_tensor() if is_dtensor(self.lora_b) else self.lora_b
             b = b[start : start + weight.shape[0]]
         else:
-            weight, start, a, b = self.weight, 0, self.lora_a, self.lora_b
+            weight, start, b = self.weight, 0, self.lora_b
         if rounding == "kahan" and self.compensation is None:
             self.compensation = torch.zeros_like(self.weight)
         compensation = self.compensation if rounding == "kahan" else None
@@ -260,6 +291,8 @@ class FastRank1Linear(nn.Module):
         )
         if keep_a:
             self.lora_b.mul_(keep_b)  # b is finite here (the merge checked): 0 * b is 0
+            if next_a is not None:
+                self.lora_a.copy_(next_a)
         else:
             self.reset_(generator)
 
