@@ -158,6 +158,16 @@ VARIANTS: dict[str, list[str]] = {
     "current defaults, rounds of 30": [*CURRENT, "--kappa-growth", "1.0", "--kappa", "30"],
     # ... or each merge turns the kept booster to a fresh a (the difference goes into W).
     "current defaults, redraw a": [*CURRENT, "--booster-init", "redraw"],
+    # A merge that keeps 90% of the booster still drops its Adam state: the next step is a
+    # full-lr sign step on every coordinate. What that costs, with few merges and with many.
+    "current defaults, reset none": [*CURRENT, "--optimizer-reset", "none"],
+    "current defaults, rounds of 10, reset none": [
+        *CURRENT,
+        "--kappa-growth",
+        "1.0",
+        "--optimizer-reset",
+        "none",
+    ],
     "L_s all, kappa growth 1.5, keep 0.5, reset none": [
         *GROWING,
         *CARRY,
