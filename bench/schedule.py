@@ -41,6 +41,7 @@ GROWING = ["--layers-per-round", "1.0", "--kappa-growth", "1.5"]
 CARRY = ["--booster-init", "carry"]
 # The current defaults (the accuracy study's defaults row) on top of BASE.
 CURRENT = [*GROWING, *CARRY, "--booster-keep", "0.9", "--weight-decay", "0.3"]
+SHORT_ROUNDS = [*CURRENT, "--kappa-growth", "1.0"]  # ... in rounds of 10
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "gradient init": ["--booster-init", "gradient"],
@@ -154,20 +155,14 @@ VARIANTS: dict[str, list[str]] = {
     # live booster holds most of what the layer learned along one slowly turning a (merged
     # pieces: cosine 0.62 at lag 1): fit like LoRA r=1. Short rounds leak 10% of the booster
     # into W every kappa steps, so a can turn without taking the older pieces with it.
-    "current defaults, rounds of 10": [*CURRENT, "--kappa-growth", "1.0"],
+    "current defaults, rounds of 10": SHORT_ROUNDS,
     "current defaults, rounds of 30": [*CURRENT, "--kappa-growth", "1.0", "--kappa", "30"],
     # ... or each merge turns the kept booster to a fresh a (the difference goes into W).
     "current defaults, redraw a": [*CURRENT, "--booster-init", "redraw"],
     # A merge that keeps 90% of the booster still drops its Adam state: the next step is a
     # full-lr sign step on every coordinate. What that costs, with few merges and with many.
     "current defaults, reset none": [*CURRENT, "--optimizer-reset", "none"],
-    "current defaults, rounds of 10, reset none": [
-        *CURRENT,
-        "--kappa-growth",
-        "1.0",
-        "--optimizer-reset",
-        "none",
-    ],
+    "current defaults, rounds of 10, reset none": [*SHORT_ROUNDS, "--optimizer-reset", "none"],
     "L_s all, kappa growth 1.5, keep 0.5, reset none": [
         *GROWING,
         *CARRY,
