@@ -254,14 +254,14 @@ class FastRank1Linear(nn.Module):
             raise ValueError("next_a needs keep_a=True (it replaces the kept a)")
         if next_a is not None and is_dtensor(self.weight):
             raise NotImplementedError("next_a on an FSDP2-sharded weight (booster_init='redraw')")
+        if rounding == "kahan" and is_dtensor(self.weight):  # refused before any all-gather
+            raise NotImplementedError(
+                "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
+                "sharded with it; use 'stochastic' or 'nearest'"
+            )
         a, step = self.merge_direction(step_size, keep_b, next_a)
         scale = step * self.alpha
         if is_dtensor(self.weight):
-            if rounding == "kahan":
-                raise NotImplementedError(
-                    "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
-                    "sharded with it; use 'stochastic' or 'nearest'"
-                )
             weight, start = local_rows(self.weight)
             b = self.lora_b.full_tensor() if is_dtensor(self.lora_b) else self.lora_b
             b = b[start : start + weight.shape[0]]
