@@ -6,11 +6,14 @@ Importable as ``kernel_checks`` because pytest puts ``tests/`` (home of conftest
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+import xgblora_fast
 from xgblora_fast.kernels.rng import counter_hash, round_stochastic
 from xgblora_fast.ops.backend import triton_interpreting
 
@@ -93,3 +96,61 @@ def hash_and_round_kernel(idx_ptr, value_ptr, bits_ptr, out_ptr, seed, n, DTYPE:
     tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
     value = tl.load(value_ptr + offs, mask=mask)
     tl.store(out_ptr + offs, round_stochastic(value, bits, DTYPE), mask=mask)
+
+
+def autocast_parity(
+    device: str, autocast_dtype: torch.dtype, weight_dtype: torch.dtype, backend: str, seed: int
+) -> dict[str, float]:
+    """A ``FastRank1Linear`` and ``nn.Linear`` + peft LoRA r=1 holding the same ``W``, ``bias``,
+    ``a``, ``b``, run under ``torch.autocast(device, autocast_dtype)`` on a 3-D input: the
+    relative error (``rel_err``) of our output and of the gradients of x, a and b against peft's.
+
+    Asserts what autocast promises first: the output in the autocast dtype, every gradient in
+    its leaf's own dtype, and ``W`` left in ``weight_dtype``.
+    """
+    import peft
+
+    g = torch.Generator().manual_seed(seed)
+    K, M, alpha = 45, 38, 1.5
+    base = torch.nn.Linear(K, M).to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(M, K, generator=g) / K**0.5)
+        base.bias.copy_(torch.randn(M, generator=g))
+    a = torch.randn(K, generator=g) / K**0.5
+    b = torch.randn(M, generator=g)
+    x = torch.randn(3, 7, K, generator=g)
+    dy = torch.randn(3, 7, M, generator=g)
+
+    reference_model = torch.nn.Sequential(copy.deepcopy(base))
+    lora = peft.LoraConfig(r=1, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0)
+    peft.inject_adapter_in_model(lora, reference_model)
+    lora_layer = reference_model[0]
+    with torch.no_grad():  # peft keeps its adapters in fp32, as we do
+        lora_layer.lora_A["default"].weight.copy_(a[None, :])
+        lora_layer.lora_B["default"].weight.copy_(b[:, None])
+    ours = xgblora_fast.FastRank1Linear.from_linear(
+        copy.deepcopy(base), alpha=alpha, backend=backend
+    )
+    with torch.no_grad():
+        ours.lora_a.copy_(a)
+        ours.lora_b.copy_(b)
+
+    def run(module, a_param, b_param):
+        xi = x.to(device).clone().requires_grad_()
+        with torch.autocast(device, dtype=autocast_dtype):
+            y = module(xi)
+        (y.float() * dy.to(device)).sum().backward()
+        return y, {"x": xi.grad, "a": a_param.grad, "b": b_param.grad}
+
+    y, grads = run(ours, ours.lora_a, ours.lora_b)
+    y_peft, grads_peft = run(
+        lora_layer, lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight
+    )
+    assert y.dtype == y_peft.dtype == autocast_dtype
+    assert grads["x"].dtype == torch.float32  # x is an fp32 leaf: autocast's cast hands it back
+    assert grads["a"].dtype == grads["b"].dtype == torch.float32
+    assert ours.weight.dtype == weight_dtype and ours.weight.grad is None
+    errors = {"forward": rel_err(y, y_peft.detach().cpu().double())}
+    for name, ref in grads_peft.items():
+        errors[f"grad_{name}"] = rel_err(grads[name].reshape(ref.shape), ref.cpu().double())
+    return errors

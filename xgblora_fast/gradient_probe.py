@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from xgblora_fast.ops.autocast import autocast_off
 from xgblora_fast.ops.backend import resolve_backend
 
 SKETCH_PROBES = 4  # random directions per layer for the norm estimate (relative sd ~ 1/sqrt(8))
@@ -71,12 +72,14 @@ class LayerGradient:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``G v``: fp32 ``[M]`` for fp32 ``v [K]``."""
-        out = sum(_colsum(dy, _rowdot(x, v), self.backend) for x, dy in self.pairs)
+        with autocast_off(v.device):
+            out = sum(_colsum(dy, _rowdot(x, v), self.backend) for x, dy in self.pairs)
         return _mean_over_ranks(out)
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         """``G^T u``: fp32 ``[K]`` for fp32 ``u [M]``."""
-        out = sum(_colsum(x, _rowdot(dy, u), self.backend) for x, dy in self.pairs)
+        with autocast_off(u.device):
+            out = sum(_colsum(x, _rowdot(dy, u), self.backend) for x, dy in self.pairs)
         return _mean_over_ranks(out)
 
 
@@ -147,8 +150,9 @@ class GradientProbe:
                 return
             x = args[0].detach().reshape(-1, module.in_features)
             if name in self._omega:
-                # Only N x 4 floats survive until the backward, not x.
-                xo = x.float() @ self._omega[name]
+                # Only N x 4 floats survive until the backward, not x. fp32 under autocast too.
+                with autocast_off(x.device):
+                    xo = x.float() @ self._omega[name]
                 output.register_hook(lambda dy: self._add_sketch(name, module, xo, dy))
             else:
                 output.register_hook(lambda dy: self._add_pair(name, module, x, dy))
@@ -160,7 +164,8 @@ class GradientProbe:
 
     @torch.no_grad()
     def _add_sketch(self, name: str, module: nn.Module, xo: torch.Tensor, dy: torch.Tensor):
-        g = dy.detach().reshape(-1, module.out_features).float().t() @ xo  # [M, probes]
+        with autocast_off(dy.device):  # a backward run under autocast must not recast it
+            g = dy.detach().reshape(-1, module.out_features).float().t() @ xo  # [M, probes]
         self.sketches[name] = self.sketches[name] + g if name in self.sketches else g
 
     @property

@@ -5,7 +5,8 @@
   for ``da``, and for ``db``/``dbias`` otherwise; ``cuda``: the C++ extension,
   built on the spot when missing; ``torch``: the reference path on cuBLAS): outputs and the
   gradients of x, a, b, bias against float64 on the CPU; fp32/fp16/bf16; N = 1, sizes divisible
-  by no block, 3-D and strided inputs, bf16 adapters, dropout, an empty batch.
+  by no block, 3-D and strided inputs, bf16 adapters, dropout, an empty batch; and under CUDA
+  autocast (fp16, bf16) against ``nn.Linear`` + peft LoRA r=1 under the same autocast.
 - ``merge_``: the weights written on the GPU by every backend are bit-identical to the CPU
   reference's for the same seed (nearest and stochastic, also through a transposed view).
 - the counter hash and the rounding functions, compiled, against their torch twins.
@@ -21,6 +22,7 @@ import triton.language as tl
 from kernel_checks import (
     GPU_MARKS,
     TOL,
+    autocast_parity,
     bits_of,
     compensation_like,
     float64_reference,
@@ -94,6 +96,27 @@ def test_matches_float64_reference(gpu_backend, dtype, shape, with_bias, record_
     check_against_reference(
         y, grads, y_ref, grads_ref, TOL[dtype], record_error, gpu_backend, dtype
     )
+
+
+@pytest.mark.parametrize(
+    ("autocast_dtype", "weight_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+        (torch.float16, torch.float16),
+    ],
+    ids=str,
+)
+def test_autocast_matches_linear_plus_peft_lora(
+    gpu_backend, autocast_dtype, weight_dtype, record_error
+):
+    """Under CUDA autocast (fp16, bf16): output and gradients of x, a, b close to nn.Linear +
+    peft LoRA r=1 under the same autocast (each side within the dtype's tolerance of float64)."""
+    errors = autocast_parity("cuda", autocast_dtype, weight_dtype, gpu_backend, seed=3)
+    for name, err in errors.items():
+        record_error(f"autocast_vs_peft_{name}", gpu_backend, autocast_dtype, err)
+        assert err < 2 * TOL[autocast_dtype], f"{name}: {err:.2e} against nn.Linear + peft"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,8 +7,10 @@ Where the extension comes from, in order:
 2. A JIT build on first use (``torch.utils.cpp_extension.load`` with ninja), cached under
    ``$XGBLORA_FAST_CACHE`` (default ``~/.cache/xgblora_fast``). It runs when
    ``XGBLORA_FAST_JIT_CUDA=1``, or, with the variable unset, when a CUDA device and a CUDA toolkit
-   are both present; ``XGBLORA_FAST_JIT_CUDA=0`` turns it off. Needs the ``csrc/`` sources (a
-   source checkout or an editable install).
+   are both present; ``XGBLORA_FAST_JIT_CUDA=0`` turns it off. Needs the ``csrc/`` sources:
+   a wheel carries them as package data (``xgblora_fast/csrc/``, copied there by setup.py's
+   ``build_py``), a source checkout or an editable install has them in ``csrc/`` beside the
+   package (``find_csrc()``).
 3. Nothing: ``native_module()`` returns None and ``native_status()`` says why.
 
 Loading registers the ops ``torch.ops.xgblora_fast.cuda_rank1_linear_fwd``,
@@ -39,9 +41,34 @@ from types import ModuleType
 
 logger = logging.getLogger("xgblora_fast")
 
-CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("ops.cpp", "xgblora_fast_cuda.cu")
 HEADERS = ("rank1_common.h", "launchers.h")
+# Where the sources may be, in order: inside the package (an installed wheel) and beside it (a
+# source checkout or an editable install).
+CSRC_CANDIDATES = (
+    pathlib.Path(__file__).resolve().parents[1] / "csrc",
+    pathlib.Path(__file__).resolve().parents[2] / "csrc",
+)
+
+
+def find_csrc() -> pathlib.Path | None:
+    """The folder holding the CUDA C++ sources and headers (``CSRC_CANDIDATES``), or None."""
+    for folder in CSRC_CANDIDATES:
+        if all((folder / name).is_file() for name in (*SOURCES, *HEADERS)):
+            return folder
+    return None
+
+
+def _missing_sources() -> str:
+    looked = " and ".join(str(folder) for folder in CSRC_CANDIDATES)
+    return (
+        f"the CUDA C++ sources ({', '.join((*SOURCES, *HEADERS))}) were not found (looked in "
+        f"{looked}); a wheel of xgblora-fast ships them in xgblora_fast/csrc/: reinstall it "
+        "from a source checkout (pip install .) or from a wheel built there"
+    )
+
+
+CSRC = find_csrc() or CSRC_CANDIDATES[0]  # the folder found at import (for callers' messages)
 OPS = ("cuda_rank1_linear_fwd", "cuda_rank1_linear_bwd", "cuda_merge_")
 JIT_NAME = "xgblora_fast_cuda"
 HOST_TEST_NAME = "xgblora_fast_host_test"
@@ -128,12 +155,12 @@ def _jit_wanted() -> tuple[bool, str]:
     if find_cuda_home() is None:
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
     if not sources_available():
-        return False, f"the csrc/ sources are not installed (looked in {CSRC})"
+        return False, _missing_sources()
     return True, "CUDA device and toolkit present"
 
 
 def sources_available() -> bool:
-    return all((CSRC / name).is_file() for name in (*SOURCES, *HEADERS))
+    return find_csrc() is not None
 
 
 def find_cuda_home() -> str | None:
@@ -202,8 +229,9 @@ def build_extension(
     """
     import torch
 
-    if not sources_available():
-        raise RuntimeError(f"the csrc/ sources are not available (looked in {CSRC})")
+    csrc = find_csrc()
+    if csrc is None:
+        raise RuntimeError(_missing_sources())
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the folder holding bin/nvcc")
@@ -221,10 +249,10 @@ def build_extension(
         try:
             return cpp_extension.load(
                 name=JIT_NAME,
-                sources=[str(CSRC / s) for s in SOURCES],
+                sources=[str(csrc / s) for s in SOURCES],
                 extra_cflags=CXX_FLAGS,
                 extra_cuda_cflags=NVCC_FLAGS,
-                extra_include_paths=[str(CSRC)],
+                extra_include_paths=[str(csrc)],
                 build_directory=str(out),
                 with_cuda=True,
                 verbose=verbose,
@@ -256,13 +284,16 @@ def build_host_test(build_dir: str | os.PathLike, verbose: bool = False) -> Modu
     """The host (CPU-only) build of ``csrc/rank1_common.h`` used by the tests."""
     from torch.utils import cpp_extension
 
+    csrc = find_csrc()
+    if csrc is None:
+        raise RuntimeError(_missing_sources())
     out = pathlib.Path(build_dir)
     out.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=HOST_TEST_NAME,
-        sources=[str(CSRC / "host_test.cpp")],
+        sources=[str(csrc / "host_test.cpp")],
         extra_cflags=CXX_FLAGS,
-        extra_include_paths=[str(CSRC)],
+        extra_include_paths=[str(csrc)],
         build_directory=str(out),
         with_cuda=False,
         verbose=verbose,

@@ -18,6 +18,7 @@ import torch
 
 from xgblora_fast.ops import reference
 from xgblora_fast.ops._native import native_module
+from xgblora_fast.ops.autocast import autocast_off
 from xgblora_fast.ops.backend import resolve_backend
 from xgblora_fast.ops.checks import check_backend, check_merge_args
 
@@ -58,7 +59,8 @@ def merge_op(
     if weight.numel() == 0:
         return
     merge = _MERGE[resolve_backend(backend, weight.device)]
-    merge(weight, a, b, scale, rounding, seed, compensation, row_offset)
+    with autocast_off(weight.device):  # the update is fp32 even when merged inside autocast
+        merge(weight, a, b, scale, rounding, seed, compensation, row_offset)
 
 
 @merge_op.register_fake

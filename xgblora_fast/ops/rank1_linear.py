@@ -8,6 +8,13 @@ dispatches at run time to the Triton kernels (``kernels/rank1_gemm.py``,
 Saved for backward: ``x``, ``u = x.a`` (N floats), ``a``, ``b`` and ``W`` (a reference, not a
 copy). Nothing N x M. With adapter dropout, the dropped input ``x_d`` is saved as well (as peft
 does) and the rank-1 part of ``dx`` flows back through ``F.dropout``.
+
+Under ``torch.autocast`` the op does what autocast does to ``nn.Linear``: ``x``, ``W`` and ``bias``
+are cast to the autocast dtype (differentiably, so an fp32 master ``W`` stays fp32 and any
+gradient it gets is fp32), the GEMM runs in that dtype and ``y`` comes out in it. fp32 boosters
+stay fp32 (the rank-1 terms are fp32 in every backend) and get fp32 gradients. The cast happens in
+``rank1_linear`` for the eager path and in an autocast kernel of the custom op for direct calls
+and ``torch.compile``; the implementations themselves run with autocast off.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch.nn.functional as F
 
 from xgblora_fast.ops import reference
 from xgblora_fast.ops._native import native_module
+from xgblora_fast.ops.autocast import AUTOCAST_DEVICES, autocast_dtype, autocast_off
 from xgblora_fast.ops.backend import resolve_backend
 from xgblora_fast.ops.checks import check_backend, check_rank1_linear_args
 
@@ -104,12 +112,43 @@ _BACKWARD = {
 }
 
 
+def autocast_inputs(x, weight, bias, a, b, x_adapter):
+    """``(x, weight, bias, a, b, x_adapter)`` as autocast hands them to the GEMM.
+
+    Autocast casts ``F.linear``'s floating-point inputs to its dtype; the same here for ``x``,
+    ``weight``, ``bias`` and ``x_adapter``. Boosters in fp32 are left as they are (the kernels
+    compute the rank-1 terms in fp32); low-precision boosters follow the GEMM's dtype, so
+    bf16 boosters work under fp16 autocast too. Non-tensors pass through for the checks to name.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x, weight, bias, a, b, x_adapter
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
+        return x, weight, bias, a, b, x_adapter
+
+    def cast(t, keep_fp32=False):
+        floating = isinstance(t, torch.Tensor) and t.is_floating_point()
+        if not floating or t.dtype == dtype or (keep_fp32 and t.dtype == torch.float32):
+            return t
+        return t.to(dtype)
+
+    return (
+        cast(x),
+        cast(weight),
+        cast(bias),
+        cast(a, keep_fp32=True),
+        cast(b, keep_fp32=True),
+        cast(x_adapter),
+    )
+
+
 def _run_forward(x, weight, bias, a, b, scale, x_adapter, backend):
     """Forward on 2-D ``x [N, K]``: ``(y [N, M] in x.dtype, u [N] fp32)`` on the chosen backend."""
     impl = _FORWARD[resolve_backend(backend, x.device)]
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0,), dtype=torch.float32)
-    return impl(x, weight, bias, a, b, scale, x_adapter)
+    with autocast_off(x.device):
+        return impl(x, weight, bias, a, b, scale, x_adapter)
 
 
 def _run_backward(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias, backend):
@@ -117,9 +156,10 @@ def _run_backward(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, n
     impl = _BACKWARD[resolve_backend(backend, dy.device)]
     if dy.shape[0] == 0:
         impl = reference.rank1_linear_backward_reference
-    dx, da, db, dbias, dx_adapter = impl(
-        dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
-    )
+    with autocast_off(dy.device):
+        dx, da, db, dbias, dx_adapter = impl(
+            dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
+        )
     if da is not None:
         da, db = da.to(a.dtype), db.to(b.dtype)
     return dx, da, db, dbias, dx_adapter
@@ -185,6 +225,20 @@ def _(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias, b
         dy.new_empty((dy.shape[1],), dtype=torch.float32) if need_dbias else _empty(dy).float(),
         x.new_empty(x.shape) if with_adapter else _empty(x),
     )
+
+
+def _rank1_linear_fwd_autocast(x, weight, bias, a, b, scale, x_adapter, backend):
+    """The forward op's autocast kernel: cast as ``autocast_inputs`` does, then run it with
+    autocast off (autograd records the casts, so gradients reach fp32 masters in fp32)."""
+    cast = autocast_inputs(x, weight, bias, a, b, x_adapter)
+    with torch.autocast(x.device.type, enabled=False):
+        return rank1_linear_fwd(*cast[:5], scale, cast[5], backend)
+
+
+# Lives as long as the module: the autocast rules of the forward op, one per device type.
+_AUTOCAST_LIB = torch.library.Library("xgblora_fast", "IMPL")
+for _device in AUTOCAST_DEVICES:
+    _AUTOCAST_LIB.impl("rank1_linear_fwd", _rank1_linear_fwd_autocast, "Autocast" + _device.upper())
 
 
 def _save_for_backward(ctx, x, weight, bias, a, b, u, scale, x_adapter, backend) -> None:
@@ -276,8 +330,10 @@ def rank1_linear(
         dropout: probability of dropping an element of the adapter's input (not the base's).
         training: apply dropout only when True (like ``F.dropout``).
     Returns:
-        ``[..., M]`` in x's dtype.
+        ``[..., M]`` in x's dtype; under ``torch.autocast``, in the autocast dtype (x, weight and
+        bias are cast as for ``nn.Linear``; fp32 a/b stay fp32).
     """
+    x, weight, bias, a, b, _ = autocast_inputs(x, weight, bias, a, b, None)
     scale = check_rank1_linear_args(x, weight, bias, a, b, scale)
     check_backend(backend)
     if not 0.0 <= dropout < 1.0:
