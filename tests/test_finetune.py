@@ -225,7 +225,7 @@ def test_load_table_formats_and_errors(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "x", "label": 3}\n{"text": "y", "label": 1}\n')
     assert [r["label"] for r in data.load_table(jsonl, "text", "label")] == [3, 1]
-    with pytest.raises(ValueError, match="missing column"):
+    with pytest.raises(data.UsageError, match=r"has no column 'text' \(--text-column\); its col"):
         data.load_table(csv_path, "text", "y")
     with pytest.raises(ValueError, match=r"expected a \.csv"):
         data.load_table(tmp_path / "d.parquet", "text", "y")

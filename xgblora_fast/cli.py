@@ -5,6 +5,9 @@ xgblora-fast finetune --model DIR --data train.jsonl --task causal-lm --steps 20
 xgblora-fast finetune --export-lora adapter  # also write the fine-tune as a peft LoRA adapter
 xgblora-fast export-lora runs/xgblora/checkpoints adapter --rank 8   # from a checkpoint
 xgblora-fast inspect --json                # AOT kernel report (sm_80 / sm_90)
+
+A user error (a missing file or column, an invalid or contradictory option, --resume with other
+options) ends with one line on stderr and exit status 2; --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
+import traceback
 
 from xgblora_fast.boosting import (
     BOOSTER_INITS,
@@ -21,33 +26,101 @@ from xgblora_fast.boosting import (
     SELECTIONS,
     XGBLoRAConfig,
 )
+from xgblora_fast.checkpoint import CheckpointError
+from xgblora_fast.data import UsageError
 from xgblora_fast.finetune import DEFAULT_LR, DTYPES, LR_SCHEDULES, METHODS, TASKS, FinetuneConfig
 from xgblora_fast.layer import INITS
 from xgblora_fast.ops.checks import ROUNDINGS
+from xgblora_fast.patching import ALL_LINEAR
+
+# Errors that are the user's to fix: one line on stderr, exit status 2 (--debug: the traceback).
+USER_ERRORS = (UsageError, CheckpointError)
+# A --target-modules value holding any of these is a regex; otherwise a list of names.
+REGEX_CHARS = frozenset("*+?|()[]{}^$\\")
+TARGET_HELP = (
+    "the linear layers that get boosters (LoRA with --method lora), as in peft: "
+    "comma-separated module names, each matching the full name or its dotted suffix "
+    "(q_proj,v_proj or attention.self.query); all-linear (every linear layer but the output "
+    "and task heads); or, when the value holds any of * + ? | ( ) [ ] { } ^ $ \\, a regex "
+    "that must match the whole module name (re.fullmatch, as peft treats a string)"
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _fraction_or_count(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 2) or a fraction (e.g. 0.35), got {text!r}"
+        ) from None
     return int(value) if value >= 1 and value.is_integer() and "." not in text else value
 
 
+def parse_target_modules(text: str) -> str | list[str]:
+    """``--target-modules``: ``"all-linear"``, a regex (any of ``REGEX_CHARS`` in it), or a list
+    of names from a comma-separated value. ``UsageError`` for an invalid regex or no name."""
+    text = text.strip()
+    if text == ALL_LINEAR:
+        return text
+    if REGEX_CHARS & set(text):
+        try:
+            re.compile(text)
+        except re.error as e:
+            raise UsageError(
+                f"--target-modules {text!r} is not a valid regex ({e}); give comma-separated "
+                "names (q_proj,v_proj), all-linear, or a valid regex"
+            ) from e
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(
+            f"--target-modules {text!r} names no module; give comma-separated names "
+            "(q_proj,v_proj), all-linear, or a regex"
+        )
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xgblora-fast", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="xgblora-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    debug = ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", help="on a user error, show the traceback as well"
+    )
     ft = sub.add_parser(
         "finetune",
         help="fine-tune a model folder on a CSV/JSONL file (default: the embedded demo)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[debug],
     )
     d = FinetuneConfig()
     x = d.xgblora
     g = ft.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="model folder (default: embedded MiniLM)")
     g.add_argument("--data", default=None, help="CSV/TSV/JSONL file (default: movie reviews)")
+    g.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="FILE",
+        help="CSV/TSV/JSONL file of test rows (same columns as --data); default: a held-out "
+        "--test-size of --data",
+    )
     g.add_argument("--task", choices=TASKS, default=d.task)
     g.add_argument("--text-column", default=d.text_column)
     g.add_argument("--label-column", default=d.label_column, help="seq-cls labels (int or str)")
-    g.add_argument("--test-size", type=float, default=d.test_size, help="held-out fraction")
+    g.add_argument(
+        "--test-size",
+        type=float,
+        default=d.test_size,
+        help="held-out fraction of --data (not used with --eval-data)",
+    )
     g.add_argument("--train-limit", type=int, default=None, help="use only this many train rows")
     g.add_argument("--eval-limit", type=int, default=None, help="use only this many test rows")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text")
@@ -78,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--target-modules",
         default=x.target_modules,
-        help="regex on module names, or a comma-separated list of name suffixes",
+        help=TARGET_HELP,
     )
     g.add_argument("--alpha", type=float, default=x.alpha, help="booster scale s")
     g.add_argument("--dropout", type=float, default=x.dropout, help="dropout on booster input")
@@ -188,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ex = sub.add_parser(
-        "export-lora", help="write a checkpoint's boosted fine-tune as a peft LoRA adapter"
+        "export-lora",
+        help="write a checkpoint's boosted fine-tune as a peft LoRA adapter",
+        parents=[debug],
     )
     ex.add_argument("checkpoint", help="checkpoint folder, or a run's checkpoints folder")
     ex.add_argument("output", help="adapter folder")
@@ -200,41 +275,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag(field: str) -> str:
+    special = {"save_model": "--no-save-model", "total_steps": "--steps"}
+    return special.get(field, "--" + field.replace("_", "-"))
+
+
+def _config_error(error: Exception) -> UsageError:
+    """A config's ValueError/TypeError as a ``UsageError`` that names the options involved
+    (the message keeps its field names, which the flags follow)."""
+    message = " ".join(str(error).split())
+    fields = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "xgblora"]
+    fields += [f.name for f in dataclasses.fields(XGBLoRAConfig) if f.name != "rounds"]
+    flags = []
+    for name in dict.fromkeys(fields):
+        # A name with an underscore anywhere; a plain word first or after "...Config.".
+        where = r"\b" if "_" in name else r"(?:^|Config\.)"
+        if re.search(rf"{where}{name}\b", message) and _flag(name) not in flags:
+            flags.append(_flag(name))
+    return UsageError(f"{', '.join(flags)}: {message}" if flags else message)
+
+
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    targets = args.target_modules
-    if "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    """The ``FinetuneConfig`` of parsed ``finetune`` options; ``UsageError`` (a ValueError)
+    when a value is invalid or options contradict each other."""
+    targets = parse_target_modules(args.target_modules)
     booster_fields = {f.name for f in dataclasses.fields(XGBLoRAConfig)} - {"target_modules"}
-    xgb = XGBLoRAConfig(
-        target_modules=targets,
-        total_steps=args.steps,
-        **{k: v for k, v in vars(args).items() if k in booster_fields and k != "total_steps"},
-    )
     ft_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"xgblora"}
-    return FinetuneConfig(xgblora=xgb, **{k: v for k, v in vars(args).items() if k in ft_fields})
+    try:
+        xgb = XGBLoRAConfig(
+            target_modules=targets,
+            total_steps=args.steps,
+            **{k: v for k, v in vars(args).items() if k in booster_fields and k != "total_steps"},
+        )
+        return FinetuneConfig(
+            xgblora=xgb, **{k: v for k, v in vars(args).items() if k in ft_fields}
+        )
+    except (ValueError, TypeError) as e:
+        raise _config_error(e) from e
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "inspect":
-        from xgblora_fast import inspect
+def _export_lora(args: argparse.Namespace) -> int:
+    from xgblora_fast.export import export_lora_from_checkpoint
 
-        return inspect.main(args.args) or 0
-    if args.command == "export-lora":
-        from xgblora_fast.export import export_lora_from_checkpoint
-
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(
+            f"--rank must be >= 1, got {args.rank}; leave it out for the exact adapter"
+        )
+    try:
         report = export_lora_from_checkpoint(
             args.checkpoint, args.output, rank=args.rank, base_model_name_or_path=args.base_model
         )
-        print(
-            f"LoRA adapter of {len(report['layers'])} layers ({report['adapter_bytes']} bytes, "
-            f"relative error {report['relative_error']:.2e}) in {args.output}"
-        )
-        return 0
+    except CheckpointError as e:
+        raise UsageError(
+            f"{' '.join(str(e).split())}; give a checkpoint folder or a run's checkpoints folder "
+            "(finetune writes them with --save-every N or --stop-after N)"
+        ) from e
+    except ValueError as e:
+        if "nothing recorded" not in str(e):
+            raise
+        raise UsageError(
+            f"{' '.join(str(e).split())}; fine-tune with recording on (the default, --record)"
+        ) from e
+    print(
+        f"LoRA adapter of {len(report['layers'])} layers ({report['adapter_bytes']} bytes, "
+        f"relative error {report['relative_error']:.2e}) in {args.output}"
+    )
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
     from xgblora_fast.finetune import run
 
     summary = run(config_from_args(args))
+    if "stopped_at" in summary:
+        print(
+            f"{summary['method']}: stopped after step {summary['stopped_at']} with a checkpoint "
+            f"in {args.output}/checkpoints; the same command with --resume continues"
+        )
+        return 0
     metric = "accuracy" if summary["task"] == "seq-cls" else "perplexity"
     print(
         f"{summary['method']}: test {metric} before {summary['before'][metric]:.4f}, "
@@ -242,6 +360,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['seconds_per_step']:.2f} s/step); results in {args.output}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (2: a user error, told on one line of stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argparse error (2), already printed
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "inspect":
+        from xgblora_fast import inspect
+
+        return inspect.main(args.args) or 0
+    try:
+        return _export_lora(args) if args.command == "export-lora" else _finetune(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split())
+        print(f"xgblora-fast {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

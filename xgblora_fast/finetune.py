@@ -27,9 +27,15 @@ from tqdm import tqdm
 
 from xgblora_fast import data as data_mod
 from xgblora_fast.boosting import Booster, XGBLoRAConfig
-from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
+from xgblora_fast.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from xgblora_fast.data import UsageError
 from xgblora_fast.export import CHECKPOINT_METADATA, adapter_metadata, export_lora
-from xgblora_fast.patching import eject
+from xgblora_fast.patching import eject, inject
 
 METHODS = ("xgblora", "lora", "full")
 TASKS = ("seq-cls", "causal-lm")
@@ -55,6 +61,7 @@ class FinetuneConfig:
 
     model: str | None = None  # folder; None: the embedded MiniLM
     data: str | None = None  # CSV/JSONL; None: the embedded movie review snippets
+    eval_data: str | None = None  # CSV/JSONL test rows; None: test_size of data's rows
     task: str = "seq-cls"
     text_column: str = "text"
     label_column: str = "label"
@@ -98,24 +105,75 @@ class FinetuneConfig:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
+        at_least = {"steps": 1, "batch_size": 1, "max_length": 1, "lora_rank": 1}
+        at_least |= {"eval_every": 0, "save_every": 0}
+        at_least |= {"train_limit": 1, "eval_limit": 1, "stop_after": 1}  # or None
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.head_lr) and self.head_lr >= 0):
+            raise ValueError(f"head_lr must be >= 0, got {self.head_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        ts = self.test_size
+        if isinstance(ts, bool) or not (
+            (isinstance(ts, float) and 0 < ts < 1) or (isinstance(ts, int) and ts >= 1)
+        ):
+            raise ValueError(f"test_size must be a fraction in (0, 1) or a count >= 1, got {ts!r}")
         if self.export_lora and (self.method != "xgblora" or not self.xgblora.record):
             raise ValueError("export_lora needs method='xgblora' with recording on")
 
 
 # ---------------------------------------------------------------- data
 def load_rows(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
-    """Train and test rows (``{"text"[, "label"]}``), split with the run's seed."""
+    """Train and test rows (``{"text"[, "label"]}``): ``eval_data``'s rows as the test set, or
+    a fixed split of ``data`` (``test_size``). String labels are numbered over both sets
+    together, in sorted order. Raises ``UsageError`` for unusable files or labels."""
+    label = cfg.label_column if cfg.task == "seq-cls" else None
     if cfg.data is None:
         rows = data_mod.movie_reviews()
     else:
-        label = cfg.label_column if cfg.task == "seq-cls" else None
-        rows = data_mod.load_table(cfg.data, cfg.text_column, label)
-    train, test = data_mod.split_rows(rows, cfg.test_size, seed=1234)  # fixed split: fair
+        rows = data_mod.read_table(cfg.data, cfg.text_column, label, option="--data")
+    if cfg.eval_data is None:
+        test_rows = []
+    else:
+        test_rows = data_mod.read_table(cfg.eval_data, cfg.text_column, label, option="--eval-data")
+    if label:
+        data_mod.index_labels(rows + test_rows)  # one numbering for both files
+        check_labels(rows + test_rows)
+    if cfg.eval_data is None:
+        train, test = data_mod.split_rows(rows, cfg.test_size, seed=1234)  # fixed split: fair
+    else:
+        train, test = rows, test_rows
     if cfg.train_limit:
         train = train[: cfg.train_limit]
     if cfg.eval_limit:
         test = test[: cfg.eval_limit]
     return train, test
+
+
+def check_labels(rows: list[dict]) -> None:
+    """Sequence-classification labels: ints >= 0 (the class index), at least two classes."""
+    labels = {r["label"] for r in rows}
+    if min(labels) < 0:
+        raise UsageError(
+            f"--label-column: labels must be class indices >= 0 or names, got {min(labels)}"
+        )
+    if len(labels) < 2:
+        raise UsageError(
+            f"--label-column: every row has the label {labels.pop()}; classification needs at "
+            "least two classes (for plain text use --task causal-lm)"
+        )
+
+
+def count_labels(rows: list[dict]) -> int:
+    """The classifier's number of classes: the largest class index + 1."""
+    return max(r["label"] for r in rows) + 1
 
 
 def batch_order(n_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -153,7 +211,7 @@ def load_model(cfg: FinetuneConfig, num_labels: int):
         AutoTokenizer,
     )
 
-    path = cfg.model or data_mod.default_model_path()
+    path = model_folder(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -171,6 +229,63 @@ def load_model(cfg: FinetuneConfig, num_labels: int):
     return model, tokenizer, fresh
 
 
+def model_folder(cfg: FinetuneConfig) -> str:
+    """``cfg.model``, checked to be a model folder (``UsageError`` if not), or the default."""
+    if cfg.model is None:
+        return data_mod.default_model_path()
+    path = Path(cfg.model)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise UsageError(
+            f"--model {path} {what}; give a model folder as save_pretrained writes it "
+            "(config.json, weights, tokenizer)"
+        )
+    if not (path / "config.json").is_file():
+        raise UsageError(
+            f"--model {path} holds no config.json; give a model folder as save_pretrained "
+            "writes it (config.json, weights, tokenizer)"
+        )
+    return str(path)
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise UsageError(f'--method lora needs peft ({e}): pip install "xgblora-fast[peft]"') from e
+    return peft
+
+
+def _target_error(cfg: FinetuneConfig, error: Exception) -> UsageError:
+    message = " ".join(str(error).split())
+    if "target" not in message.lower():
+        return UsageError(message)
+    return UsageError(
+        f"--target-modules: {message}; give comma-separated names (q_proj,v_proj), all-linear, "
+        "or a regex over the full names"
+    )
+
+
+def check_target_modules(cfg: FinetuneConfig) -> None:
+    """Before any weight is read: ``UsageError`` if ``cfg.xgblora.target_modules`` matches no
+    linear layer of the model (tried on a weightless copy built from its config.json)."""
+    if cfg.method == "full":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if cfg.task == "seq-cls" else AutoModelForCausalLM
+    path = model_folder(cfg)
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(AutoConfig.from_pretrained(path))
+    except Exception:  # only a pre-check: loading the model reports what is wrong
+        return
+    try:
+        inject(skeleton, cfg.xgblora.target_modules)
+    except ValueError as e:
+        raise _target_error(cfg, e) from e
+
+
 def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
     """Set up the trainable parameters: ``(model, booster or None, param groups)``."""
     head_params = [p for name in fresh for p in model.get_submodule(name).parameters()]
@@ -181,8 +296,7 @@ def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
         body = [p for p in model.parameters() if id(p) not in head_ids]
         return model, None, [{"params": body, "lr": cfg.lr}]
     if cfg.method == "lora":
-        import peft
-
+        peft = _import_peft()
         lora = peft.LoraConfig(
             r=cfg.lora_rank,
             lora_alpha=cfg.xgblora.alpha * cfg.lora_rank,  # same scaling s as the boosters
@@ -190,7 +304,10 @@ def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
             lora_dropout=cfg.xgblora.dropout,
             modules_to_save=fresh or None,
         )
-        model = peft.get_peft_model(model, lora)
+        try:
+            model = peft.get_peft_model(model, lora)
+        except ValueError as e:  # peft's NoMatchingPeftModuleError (no target matched) is one
+            raise _target_error(cfg, e) from e
         trainable = [p for p in model.parameters() if p.requires_grad]
         head_ids = {id(p) for n, p in model.named_parameters() if "modules_to_save" in n}
         return (
@@ -205,7 +322,10 @@ def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
                 {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr},
             ],
         )
-    booster = Booster(model, cfg.xgblora)
+    try:
+        booster = Booster(model, cfg.xgblora)
+    except ValueError as e:  # no target matched, or options that do not fit this model
+        raise _target_error(cfg, e) from e
     for p in head_params:
         p.requires_grad_(True)
     groups = [*booster.param_groups(lr=cfg.lr), {"params": head_params, "lr": cfg.head_lr}]
@@ -256,6 +376,68 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return (float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+# ---------------------------------------------------------------- resume
+# Options a resumed run may change: they do not alter the training trajectory.
+RESUME_FREE = frozenset(
+    {"output", "eval_every", "save_every", "resume", "stop_after", "save_model", "export_lora"}
+    | {"measure_weight_change"}
+)
+# The booster options that a run of each method uses (xgblora: all of them).
+LORA_OPTIONS = ("target_modules", "alpha", "dropout", "weight_decay")
+
+
+def resume_options(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The options a checkpoint was saved with that a resumed run must repeat (as JSON)."""
+    options = {}
+    for field in dataclasses.fields(FinetuneConfig):
+        value = getattr(cfg, field.name)
+        if field.name in RESUME_FREE or field.name == "xgblora":
+            continue
+        if field.name == "test_size" and cfg.eval_data is not None:
+            continue  # not used
+        if field.name in ("model", "data", "eval_data") and value is not None:
+            value = str(Path(value).resolve())
+        options[field.name] = value
+    booster = cfg.xgblora.to_dict()
+    del booster["total_steps"]  # = steps (the CLI's --steps sets both)
+    if cfg.method == "lora":
+        booster = {k: booster[k] for k in LORA_OPTIONS}
+    if cfg.method != "full":
+        options |= {f"xgblora.{k}": v for k, v in booster.items()}
+    return json.loads(json.dumps(options))
+
+
+def _flag(option: str) -> str:
+    return "--" + option.rpartition(".")[2].replace("_", "-")
+
+
+def check_resume(cfg: FinetuneConfig, ckpt_dir: Path) -> None:
+    """With ``resume``: ``UsageError`` naming each option whose value differs from the one the
+    latest checkpoint in ``ckpt_dir`` was saved with (nothing to resume from: nothing to check).
+    """
+    if not (cfg.resume and (ckpt_dir / "latest").exists()):
+        return
+    try:
+        extra = json.loads((resolve_checkpoint(ckpt_dir) / "extra.json").read_text())
+    except (CheckpointError, OSError, ValueError) as e:
+        raise UsageError(f"--resume: {e}; remove {ckpt_dir} or drop --resume to start over") from e
+    saved = extra.get("options")
+    if saved is None:  # an older checkpoint: load_checkpoint still checks the boosters' config
+        return
+    given = resume_options(cfg)
+    differing: dict[str, str] = {}
+    for key in sorted(set(saved) | set(given), key=lambda k: (k.startswith("xgblora."), k)):
+        old, new = saved.get(key), given.get(key)
+        if (type(old), old) != (type(new), new) and _flag(key) not in differing:
+            differing[_flag(key)] = f"{_flag(key)} saved {old!r}, given {new!r}"
+    if differing:
+        raise UsageError(
+            f"--resume: the checkpoint in {ckpt_dir} was saved with other options ("
+            + "; ".join(differing.values())
+            + "); repeat the saved values, or drop --resume to start over"
+        )
+
+
 # ---------------------------------------------------------------- run
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: FinetuneConfig
@@ -281,9 +463,16 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    # What a user can get wrong is checked before anything heavy runs (UsageError).
+    model_folder(cfg)
+    if cfg.method == "lora":
+        _import_peft()
+    check_resume(cfg, ckpt_dir)
     train_rows, test_rows = load_rows(cfg)
-    num_labels = len({r["label"] for r in train_rows}) if cfg.task == "seq-cls" else 0
+    check_target_modules(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    num_labels = count_labels(train_rows + test_rows) if cfg.task == "seq-cls" else 0
     model, tokenizer, fresh = load_model(cfg, num_labels)
     model, booster, groups = prepare_method(cfg, model, fresh)
     trainable_per_step = sum(p.numel() for g in groups for p in g["params"])
@@ -302,9 +491,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     before = evaluate(model, tokenizer, test_rows, cfg)
     evals = [{"step": 0, **before}]
     start_step = 0
-    ckpt_dir = out / "checkpoints"
     if cfg.resume and (ckpt_dir / "latest").exists():
-        extra = load_checkpoint(ckpt_dir, model, booster, optimizer, scheduler)
+        try:
+            extra = load_checkpoint(ckpt_dir, model, booster, optimizer, scheduler)
+        except CheckpointError as e:
+            raise UsageError(
+                f"--resume: {' '.join(str(e).split())}; remove {ckpt_dir} or drop --resume to "
+                "start over"
+            ) from e
         start_step, evals = extra["step"], extra["evals"]
     model.train()
     losses: list[float] = []
@@ -332,7 +526,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 booster,
                 optimizer,
                 scheduler,
-                extra={"step": step + 1, "evals": evals}
+                extra={"step": step + 1, "evals": evals, "options": resume_options(cfg)}
                 # what `xgblora-fast export-lora` needs besides the records (base, head)
                 | ({CHECKPOINT_METADATA: adapter_metadata(model)} if booster else {}),
                 step=step + 1,
