@@ -14,6 +14,7 @@ of rounds the layer was active. The ``Booster`` records each merged booster (``M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -36,6 +37,7 @@ from xgblora_fast.checkpoint import (
     verify_checkpoint,
 )
 from xgblora_fast.layer import FastRank1Linear
+from xgblora_fast.patching import _is_adaptable, _wrap
 from xgblora_fast.records import MergeRecord
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,15 +60,51 @@ def _model_of(model_or_booster: nn.Module | Booster) -> nn.Module:
     return model_or_booster.model if isinstance(model_or_booster, Booster) else model_or_booster
 
 
-def _records(model: nn.Module) -> dict[str, MergeRecord]:
-    """``{layer name: record}`` of every layer with at least one recorded merge, model order."""
+def _records(model_or_booster: nn.Module | Booster) -> dict[str, MergeRecord]:
+    """``{layer name: record}`` of every layer with at least one recorded merge, model order.
+
+    A ``Booster`` holds its records itself (also after ``xf.eject``); a model only in its
+    ``FastRank1Linear`` layers."""
+    if isinstance(model_or_booster, Booster):
+        return {n: r for n, r in model_or_booster.records.items() if r.rounds}
     return {
         name: module.merge_record
-        for name, module in model.named_modules()
+        for name, module in model_or_booster.named_modules()
         if isinstance(module, FastRank1Linear)
         and hasattr(module, "merge_record")
         and module.merge_record.rounds
     }
+
+
+def _check_not_ejected(model_or_booster: nn.Module | Booster, action: str) -> None:
+    """A plain model without any ``FastRank1Linear`` carries no records: say what to do."""
+    if isinstance(model_or_booster, Booster):
+        return
+    if not any(isinstance(m, FastRank1Linear) for m in model_or_booster.modules()):
+        raise ValueError(
+            f"nothing to {action}: {type(model_or_booster).__name__} holds no FastRank1Linear "
+            "layer (after xf.eject the records are not in the model): export before eject, or "
+            "pass the Booster"
+        )
+
+
+@contextlib.contextmanager
+def _as_layer(module: nn.Module, record: MergeRecord):
+    """``module`` as a ``FastRank1Linear`` sharing its weight storage: the module itself, or,
+    once ejected (a plain ``nn.Linear``/``Conv1D``), a temporary wrapper whose merges land in
+    the module's weight; the module's ``requires_grad`` flags are restored afterwards."""
+    if isinstance(module, FastRank1Linear):
+        yield module
+        return
+    with torch.random.fork_rng(devices=[]):  # the wrapper's booster init draws nothing seen
+        layer = _wrap(module, alpha=record.alpha)
+    weight_grad, bias_grad = layer._source_requires_grad
+    try:
+        yield layer
+    finally:
+        module.weight.requires_grad_(weight_grad)
+        if module.bias is not None:
+            module.bias.requires_grad_(bias_grad)
 
 
 def _with_live_boosters(
@@ -267,8 +305,9 @@ def export_lora(
     ``Booster.finish()`` would merge.
 
     Args:
-        model_or_booster: a ``Booster``, or the model holding its ``FastRank1Linear`` layers
-            (before ``xf.eject``). Module names are relative to that model.
+        model_or_booster: a ``Booster`` (also after ``xf.eject``: it keeps the records), or the
+            model holding its ``FastRank1Linear`` layers (before ``xf.eject``). Module names are
+            relative to that model.
         path: the adapter folder (created).
         rank: truncate each layer to at most this rank by SVD (None: exact).
         base_model_name_or_path, modules_to_save, task_type: override what
@@ -279,8 +318,10 @@ def export_lora(
         layer ``rounds``, ``rank`` and ``relative_error``, ``modules_to_save``,
         ``adapter_bytes``.
     Raises:
-        ValueError: nothing recorded, or ``rank < 1``.
+        ValueError: nothing recorded, a model without ``FastRank1Linear`` layers (ejected:
+            export before eject, or pass the Booster), or ``rank < 1``.
     """
+    _check_not_ejected(model_or_booster, "export")
     model = _model_of(model_or_booster)
     live = {
         name: (getattr(m, "merge_record", None) or MergeRecord.for_layer(m), m.lora_a, m.lora_b)
@@ -288,7 +329,7 @@ def export_lora(
         if isinstance(m, FastRank1Linear) and m.active and bool(m.lora_b.any())
     }
     current = model_or_booster.round if isinstance(model_or_booster, Booster) else None
-    records = _with_live_boosters(_records(model), live, current)
+    records = _with_live_boosters(_records(model_or_booster), live, current)
     if not records:
         raise _nothing_recorded(type(model).__name__)
     found = adapter_metadata(model)
@@ -381,17 +422,20 @@ def unmerge_(
     Afterwards ``export_lora`` exports the remaining rounds; ``Booster.history`` is unchanged.
 
     Args:
-        model_or_booster: a ``Booster`` or the model holding its layers.
+        model_or_booster: a ``Booster`` (also after ``xf.eject``: the merges are taken out of
+            the plain modules' weights) or the model holding its ``FastRank1Linear`` layers.
         rounds: round indices to remove (an int or several); None: every recorded round.
         rounding: rounding of the un-merges; None: the rounding the merges used.
     Returns:
         The removed round indices, sorted.
     Raises:
-        ValueError before anything changes: nothing recorded, a round that was never
+        ValueError before anything changes: nothing recorded, a model without
+        ``FastRank1Linear`` layers (ejected: pass the Booster), a round that was never
         recorded, or a layer whose scale ``s`` changed since its merges.
     """
+    _check_not_ejected(model_or_booster, "unmerge")
     model = _model_of(model_or_booster)
-    records = _records(model)
+    records = _records(model_or_booster)
     recorded = {t for r in records.values() for t in r.rounds}
     if not recorded:
         raise _nothing_recorded(type(model).__name__)
@@ -399,19 +443,29 @@ def unmerge_(
     unknown = sorted(wanted - recorded)
     if unknown:
         raise ValueError(f"rounds {unknown} were never recorded; recorded: {sorted(recorded)}")
-    layers = {name: model.get_submodule(name) for name in records}
-    changed = [n for n, r in records.items() if layers[n].alpha != r.alpha]
+    modules = {name: model.get_submodule(name) for name in records}
+    changed = [
+        n
+        for n, r in records.items()
+        if isinstance(modules[n], FastRank1Linear) and modules[n].alpha != r.alpha
+    ]
     if changed:
         raise ValueError(f"the scale alpha of {changed[:4]} changed since the recorded merges")
+    gone = [
+        n for n, m in modules.items() if not (isinstance(m, FastRank1Linear) or _is_adaptable(m))
+    ]
+    if gone:
+        raise ValueError(f"{gone[:4]} are no linear layers any more: nothing was unmerged")
     for index, (name, record) in enumerate(records.items()):
-        for i in reversed(range(len(record.rounds))):
-            if record.rounds[i] not in wanted:
-                continue
-            # A seed of its own per (round, layer): fresh stochastic-rounding bits.
-            seed = (record.rounds[i] * 10_007 + index + 0x5EED) % (2**31)
-            step = -record.steps[i]
-            _merge_vectors(
-                layers[name], record.a[i], record.b[i], step, rounding or record.rounding, seed
-            )
-            record.remove(i)
+        with _as_layer(modules[name], record) as layer:
+            for i in reversed(range(len(record.rounds))):
+                if record.rounds[i] not in wanted:
+                    continue
+                # A seed of its own per (round, layer): fresh stochastic-rounding bits.
+                seed = (record.rounds[i] * 10_007 + index + 0x5EED) % (2**31)
+                step = -record.steps[i]
+                _merge_vectors(
+                    layer, record.a[i], record.b[i], step, rounding or record.rounding, seed
+                )
+                record.remove(i)
     return sorted(wanted)

@@ -55,7 +55,9 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 class FastRank1Linear(nn.Module):
     """``y = x W^T + bias + s (dropout(x) . a) b^T`` with ``W``/``bias`` frozen.
 
-    Parameters: ``weight [out, in]`` and ``bias [out]`` (frozen base, ``requires_grad=False``),
+    Parameters: ``weight [out, in]`` and ``bias [out]`` (the frozen base: construction and
+    ``from_linear`` set ``weight.requires_grad = False`` and ``bias.requires_grad = False``; set
+    back to True, the optimizer would train the whole ``W`` too, and ``Booster`` warns),
     ``lora_a [in]`` (Kaiming-uniform as peft's ``lora_A``) and ``lora_b [out]`` (zeros, so a
     fresh booster changes nothing). ``scale = alpha`` (peft's ``lora_alpha / r`` with ``r = 1``).
 
@@ -114,6 +116,13 @@ class FastRank1Linear(nn.Module):
         backend: str,
         init: str,
     ) -> None:
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+            raise TypeError(
+                f"FastRank1Linear needs a 2-D weight [out, in] (nn.Linear), got shape {shape}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
@@ -150,7 +159,17 @@ class FastRank1Linear(nn.Module):
         backend: str = "auto",
         init: str = "kaiming",
     ) -> FastRank1Linear:
-        """Wrap ``linear``: the same ``weight``/``bias`` Parameter objects, frozen, no copy."""
+        """Wrap ``linear``: the same ``weight``/``bias`` Parameter objects, frozen, no copy.
+
+        ``linear`` must be an ``nn.Linear`` (or a subclass) with a 2-D weight ``[out, in]``;
+        anything else (``nn.Conv2d``, ``nn.Embedding``, ...) is a TypeError. GPT-2's ``Conv1D``
+        goes through ``xf.inject``, which wraps its ``[in, out]`` weight as a transposed view.
+        """
+        if not isinstance(linear, nn.Linear) or getattr(linear.weight, "ndim", None) != 2:
+            raise TypeError(
+                "FastRank1Linear.from_linear supports nn.Linear (2-D weight [out, in]; GPT-2 "
+                f"Conv1D through xf.inject), got {type(linear).__name__}"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from(linear.weight, linear.bias, alpha, dropout, adapter_dtype, backend, init)

@@ -3,9 +3,17 @@
 Targets are chosen like peft's ``target_modules``: a list of names matched as the full module
 name or a dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regex string
 (matched against the full name with ``re.fullmatch``), or ``"all-linear"`` (every linear layer
-but the output embedding). Handled module types: ``nn.Linear`` and transformers' GPT-2 ``Conv1D``
-(weight stored ``[in, out]``; wrapped as a transposed view, so no copy and merges land in the
-original storage).
+but the output embedding and the task heads, as peft's). Handled module types: ``nn.Linear`` and
+transformers' GPT-2 ``Conv1D`` (weight stored ``[in, out]``; wrapped as a transposed view, so no
+copy and merges land in the original storage).
+
+Task heads (``modules_to_save``, peft's notion): the modules named ``classifier``,
+``pre_classifier``, ``score``, ``qa_outputs`` or ``classification_head`` (the heads transformers
+puts on a body for classification and question answering, usually freshly initialised), plus any
+the caller names. They are never boosted by ``"all-linear"`` and ``inject`` leaves their
+parameters trainable: put them in the optimizer (``Booster.head_parameters()``). A pooler
+(BERT's ``pooler.dense``) is part of the pretrained body and is boosted, as peft's
+``"all-linear"`` adapts it; name it in ``modules_to_save`` where the checkpoint lacks it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import torch.nn as nn
 from xgblora_fast.layer import FastRank1Linear
 
 ALL_LINEAR = "all-linear"
+# Names of the task heads transformers puts on a body (peft's SEQ_CLS / TOKEN_CLS / QUESTION_ANS
+# modules_to_save, plus DistilBERT's fresh pre_classifier and BART's classification_head).
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs", "classification_head")
 
 
 def _conv1d_type() -> type | None:
@@ -37,18 +48,95 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
-def _matcher(target_modules: str | Iterable[str], model: nn.Module):
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        get_out = getattr(model, "get_output_embeddings", None)
-        output_layer = get_out() if callable(get_out) else None
-        return lambda name, module: module is not output_layer
+def check_target_modules(target_modules: object, what: str = "target_modules") -> None:
+    """Raise TypeError/ValueError unless ``target_modules`` is ``"all-linear"``, a valid regex or a
+    non-empty list/tuple of names (one-line messages naming ``what``)."""
+    allowed = '"all-linear", a regex string, or a non-empty list of module names'
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError(f"{what} must be {allowed}, got ''")
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"{what} is not a valid regex ({e}): {target_modules!r}") from None
+        return
+    if not isinstance(target_modules, (list, tuple)):
+        raise TypeError(f"{what} must be {allowed}, got {type(target_modules).__name__}")
+    if not target_modules:
+        raise ValueError(f"{what} must be {allowed}, got an empty {type(target_modules).__name__}")
+    bad = [s for s in target_modules if not isinstance(s, str) or not s]
+    if bad:
+        raise TypeError(f"{what} must hold non-empty str names only, got {bad[0]!r}")
+
+
+def _names_matcher(names: Iterable[str]):
+    names = list(names)
+    return lambda name: any(name == s or name.endswith("." + s) for s in names)
+
+
+def task_heads(model: nn.Module, modules_to_save: Iterable[str] = ()) -> list[str]:
+    """Names of the task heads of ``model``, outermost only, in model order.
+
+    A head is a module with parameters named one of ``HEAD_NAMES`` or matching a name of
+    ``modules_to_save`` (full name or dotted suffix, as peft matches ``modules_to_save``). The
+    output embedding (``lm_head``) is not a head: it belongs to the pretrained body.
+    """
+    extra = list(modules_to_save)
+    if isinstance(modules_to_save, str) or not all(isinstance(n, str) for n in extra):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    named = _names_matcher(extra)
+    outputs = {id(m) for m in _output_embeddings(model)}
+    heads: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(h + ".") for h in heads) or id(module) in outputs:
+            continue
+        has_parameters = next(module.parameters(), None) is not None
+        if has_parameters and (name.rpartition(".")[2] in HEAD_NAMES or named(name)):
+            heads.append(name)
+    return heads
+
+
+def _output_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The output embedding of every transformers model in ``model`` (the outermost first)."""
+    found = []
+    for module in model.modules():
+        get_out = getattr(module, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else None
+        if isinstance(out, nn.Module):
+            found.append(out)
+    return found
+
+
+def _matcher(target_modules: str | Iterable[str], model: nn.Module, heads: Iterable[str] = ()):
+    if isinstance(target_modules, (set, frozenset)):  # peft accepts sets of names too
+        target_modules = sorted(target_modules)
+    check_target_modules(target_modules)
+    if target_modules == ALL_LINEAR:
+        outputs = {id(m) for m in _output_embeddings(model)}
+        heads = tuple(heads)
+        return lambda name, module: (
+            id(module) not in outputs
+            and not any(name == h or name.startswith(h + ".") for h in heads)
+        )
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return lambda name, module: pattern.fullmatch(name) is not None
-    suffixes = list(target_modules)
-    if not suffixes or not all(isinstance(s, str) for s in suffixes):
-        raise ValueError(f"target_modules must be a non-empty list of names, got {suffixes!r}")
-    return lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)
+    named = _names_matcher(target_modules)
+    return lambda name, module: named(name)
+
+
+def targeted_names(
+    model: nn.Module, target_modules: str | Iterable[str], modules_to_save: Iterable[str] = ()
+) -> list[str]:
+    """The modules ``inject`` would wrap (``FastRank1Linear`` ones already injected included)."""
+    match = _matcher(target_modules, model, task_heads(model, modules_to_save))
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and (isinstance(module, FastRank1Linear) or _is_adaptable(module))
+        and match(name, module)
+    ]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -81,21 +169,28 @@ def inject(
     backend: str = "auto",
     freeze_base: bool = True,
     init: str = "kaiming",
+    modules_to_save: Iterable[str] = (),
 ) -> dict[str, FastRank1Linear]:
     """Replace every matching linear layer of ``model`` by a ``FastRank1Linear``, in place.
 
     Args:
         model: any ``nn.Module`` (e.g. a transformers model).
-        target_modules: list of names/suffixes, a regex, or ``"all-linear"``.
+        target_modules: list of names/suffixes, a regex, or ``"all-linear"`` (every linear layer
+            but the output embedding and the task heads, see ``task_heads``).
         alpha, dropout, backend, init: passed to each ``FastRank1Linear``.
-        freeze_base: set ``requires_grad=False`` on every parameter but the boosters (peft's
-            behaviour); unfreeze a head afterwards if it should train too.
+        freeze_base: set ``requires_grad=False`` on every parameter but the boosters and the task
+            heads (peft's behaviour with ``modules_to_save``): the heads stay trainable, so put
+            them in the optimizer (``task_heads(model)`` names them).
+        modules_to_save: names (or dotted suffixes) of further modules to treat as heads, e.g.
+            ``["pooler"]`` when the checkpoint lacks BERT's pooler.
     Returns:
         ``{module name: FastRank1Linear}`` in model order.
     Raises:
-        ValueError when nothing matches (with the adaptable names that exist).
+        ValueError when nothing matches (with the adaptable names that exist); TypeError for a
+        ``target_modules`` of the wrong type.
     """
-    match = _matcher(target_modules, model)
+    heads = task_heads(model, modules_to_save)
+    match = _matcher(target_modules, model, heads)
     chosen = [
         (name, module)
         for name, module in model.named_modules()
@@ -108,8 +203,16 @@ def inject(
             f"adaptable modules include {available[:8]}"
         )
     if freeze_base:
+        boosted = [name for name, _ in chosen]
+        keep = {
+            id(p)
+            for h in heads
+            if not any(b == h or b.startswith(h + ".") for b in boosted)  # a boosted head: base
+            for p in model.get_submodule(h).parameters()
+        }
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in keep:
+                p.requires_grad_(False)
     layers = {}
     for name, module in chosen:
         layer = _wrap(module, alpha=alpha, dropout=dropout, backend=backend, init=init)
@@ -118,8 +221,26 @@ def inject(
     return layers
 
 
+def _merge_live_booster(layer: FastRank1Linear, rounding: str) -> None:
+    """Merge the layer's booster; a layer a recording ``Booster`` runs records it first (one
+    more round after its last recorded one), so ``export_lora(booster)`` after ``eject`` still
+    holds the whole fine-tune."""
+    record = getattr(layer, "merge_record", None)
+    recording = getattr(layer, "record_merges", False) and record is not None
+    if not (recording and bool(layer.lora_b.any())):
+        layer.merge_(rounding=rounding)
+        return
+    a, step = layer.merge_direction()
+    record.add_vectors(max(record.rounds, default=-1) + 1, step, a, layer.lora_b, rounding)
+    try:
+        layer.merge_(rounding=rounding)
+    except Exception:
+        record.remove(len(record.rounds) - 1)  # a refused merge leaves W and the record alone
+        raise
+
+
 def _unwrap(layer: FastRank1Linear, rounding: str) -> nn.Module:
-    layer.merge_(rounding=rounding)
+    _merge_live_booster(layer, rounding)
     module = getattr(layer, "_source_module", None)
     weight_grad, bias_grad = getattr(layer, "_source_requires_grad", (False, False))
     if module is None:  # a FastRank1Linear built directly: hand back a plain nn.Linear
@@ -142,8 +263,11 @@ def _unwrap(layer: FastRank1Linear, rounding: str) -> nn.Module:
 def eject(model: nn.Module, rounding: str = "nearest") -> nn.Module:
     """Merge every ``FastRank1Linear`` of ``model`` into its weight and restore the plain module.
 
-    ``nn.Linear`` layers get their original Parameter objects back; GPT-2 ``Conv1D`` layers get
-    their original ``[in, out]`` storage. ``model.save_pretrained()`` then writes a standard
+    A ``Booster`` with ``record=True`` keeps the merge records (``booster.records``, the boosters
+    merged here included): ``xf.export_lora(booster, ...)`` and ``xf.unmerge_(booster)`` work
+    after ``eject``; the ejected model alone holds no records. ``nn.Linear`` layers get their
+    original Parameter objects back; GPT-2 ``Conv1D`` layers get their original ``[in, out]``
+    storage. ``model.save_pretrained()`` then writes a standard
     checkpoint with the original keys. Returns ``model``.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, FastRank1Linear)]
