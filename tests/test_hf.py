@@ -1,6 +1,7 @@
 """transformers Trainer + XGBLoRACallback: rounds, merges and resume inside a real Trainer."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from offline_models import LLAMA_VOCAB, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import xgblora_fast as xf
-from xgblora_fast.integrations.hf import XGBLoRACallback
+from xgblora_fast.integrations.hf import XGBLoRACallback, add_xgblora
 
 VOCAB = LLAMA_VOCAB
 
@@ -30,12 +31,11 @@ def make_trainer(tmp_path, model, booster, max_steps, **kw):
         per_device_train_batch_size=8,
         learning_rate=2e-2,
         lr_scheduler_type="constant",
-        logging_steps=1,
         report_to=[],
         use_cpu=True,
         seed=0,
         data_seed=0,
-        **kw,
+        **{"logging_steps": 1} | kw,
     )
     return Trainer(
         model=model,
@@ -76,6 +76,24 @@ def test_trainer_runs_boosting_rounds_and_merges(tmp_path):
         adapted = model(ids).logits
         plain = xf.eject(model)(ids).logits
     torch.testing.assert_close(plain, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_every_round_has_a_loss_when_logging_is_rarer_than_rounds(tmp_path):
+    cfg = xf.XGBLoRAConfig(target_modules=["q_proj", "v_proj"], kappa=2, kappa_growth=1.0)
+    model = tiny_llama()
+    booster = xf.Booster(model, cfg)
+    trainer = make_trainer(tmp_path, model, booster, max_steps=6, logging_steps=50)
+    assert add_xgblora(trainer, booster) is booster  # binds the callback given to the Trainer
+    trainer.train()
+    assert booster.optimizer is trainer.optimizer  # on_train_begin attached it
+    rounds = [h for h in booster.history if h["steps"][1] > h["steps"][0]]
+    assert [h["steps"] for h in rounds] == [[0, 2], [2, 4], [4, 6]]
+    assert all(isinstance(h["loss"], float) and math.isfinite(h["loss"]) for h in rounds)
+    # Unbound, the callback sees only the logged losses: none was logged during these rounds.
+    model = tiny_llama()
+    unbound = xf.Booster(model, cfg)
+    make_trainer(tmp_path / "u", model, unbound, max_steps=6, logging_steps=50).train()
+    assert [h["loss"] for h in unbound.history if h["steps"][1] > h["steps"][0]] == [None] * 3
 
 
 @pytest.mark.slow

@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -44,7 +46,7 @@ from xgblora_fast.distributed import agree_across_ranks, verify_replicas
 from xgblora_fast.gradient_probe import GradientProbe, top_singular_pair
 from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor, local_rows
 from xgblora_fast.ops.checks import ROUNDINGS
-from xgblora_fast.patching import inject
+from xgblora_fast.patching import check_target_modules, inject, targeted_names, task_heads
 from xgblora_fast.records import MergeRecord
 
 SAMPLE_BY = ("block", "module")
@@ -59,6 +61,60 @@ DEFAULT_BOOSTER_KEEP = 0.9
 # momentum): what optimizer_reset="momentum" zeroes.
 MOMENTUM_STATE = ("exp_avg", "momentum_buffer")
 _BLOCK_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+# torch.Generator.manual_seed's range.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _config_error(kind: type[Exception], name: str, allowed: str, value: object) -> Exception:
+    got = repr(value) if kind is ValueError else f"{value!r} ({type(value).__name__})"
+    return kind(f"XGBLoRAConfig.{name} must be {allowed}, got {got}")
+
+
+def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
+    """An int (not a bool) ``>= minimum`` (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    allowed = f">= {minimum} (an int)" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _config_error(TypeError, name, allowed, value)
+    if value < minimum:
+        raise _config_error(ValueError, name, allowed, value)
+
+
+def _check_real(
+    name: str,
+    value: object,
+    interval: str,
+    low: float,
+    high: float = math.inf,
+    optional: bool = False,
+) -> None:
+    """A finite real number (an int or a float, not a bool) in ``interval``, e.g. ``"(0, 1]"``
+    with bounds ``low`` and ``high`` (the brackets say which are included)."""
+    if value is None and optional:
+        return
+    allowed = f"in {interval} (a finite number)" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _config_error(TypeError, name, allowed, value)
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    if not (math.isfinite(value) and above and below):
+        raise _config_error(ValueError, name, allowed, value)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    allowed = f"one of {choices}"
+    if not isinstance(value, str):
+        raise _config_error(TypeError, name, allowed, value)
+    if value not in choices:
+        raise _config_error(ValueError, name, allowed, value)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _config_error(TypeError, name, "True or False", value)
 
 
 @dataclasses.dataclass
@@ -190,53 +246,60 @@ class XGBLoRAConfig:
     record: bool = True
 
     def __post_init__(self) -> None:
-        if self.kappa < 1:
-            raise ValueError(f"kappa must be >= 1, got {self.kappa}")
-        if not math.isfinite(self.kappa_growth) or self.kappa_growth <= 0:
-            raise ValueError(f"kappa_growth must be finite and > 0, got {self.kappa_growth}")
+        """Check every field: TypeError for a wrong type (a bool is not a number), ValueError
+        for a value out of range, each a one-line message naming the field."""
+        check_target_modules(self.target_modules, "XGBLoRAConfig.target_modules")
+        if isinstance(self.target_modules, tuple):  # what to_dict/JSON round trips give back
+            self.target_modules = list(self.target_modules)
+        _check_real("alpha", self.alpha, "(0, inf)", 0.0)
+        _check_real("dropout", self.dropout, "[0, 1)", 0.0, 1.0)
+        _check_int("kappa", self.kappa, 1)
+        _check_real("kappa_growth", self.kappa_growth, "(0, inf)", 0.0)
         lps = self.layers_per_round
-        if isinstance(lps, bool) or not isinstance(lps, (int, float)):
-            raise TypeError(f"layers_per_round must be an int or a float, got {lps!r}")
-        if isinstance(lps, int) and lps < 1:
-            raise ValueError(f"layers_per_round as a count must be >= 1, got {lps}")
-        if isinstance(lps, float) and not 0.0 < lps <= 1.0:
-            raise ValueError(f"layers_per_round as a fraction must be in (0, 1], got {lps}")
-        if self.sample_by not in SAMPLE_BY:
-            raise ValueError(f"sample_by must be one of {SAMPLE_BY}, got {self.sample_by!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.booster_init not in BOOSTER_INITS:
-            raise ValueError(
-                f"booster_init must be one of {BOOSTER_INITS}, got {self.booster_init!r}"
+        if isinstance(lps, bool) or not isinstance(lps, numbers.Real):
+            raise _config_error(
+                TypeError,
+                "layers_per_round",
+                "an int count >= 1 or a float fraction in (0, 1]",
+                lps,
             )
-        if self.select not in SELECTIONS:
-            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
-        if self.optimizer_reset not in OPTIMIZER_RESETS:
-            raise ValueError(
-                f"optimizer_reset must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}"
-            )
-        if self.booster_keep is not None and not 0.0 <= self.booster_keep < 1.0:
-            raise ValueError(f"booster_keep must be in [0, 1), got {self.booster_keep}")
+        if isinstance(lps, numbers.Integral):
+            _check_int("layers_per_round (a count)", lps, 1)
+        else:
+            _check_real("layers_per_round (a fraction)", lps, "(0, 1]", 0.0, 1.0)
+        _check_choice("sample_by", self.sample_by, SAMPLE_BY)
+        _check_int("total_steps", self.total_steps, 1, optional=True)
+        _check_int("rounds", self.rounds, 1, optional=True)
+        if self.total_steps is not None and self.rounds is not None:
+            raise ValueError("XGBLoRAConfig: give total_steps or rounds, not both")
+        _check_real("merge_step", self.merge_step, "(0, inf)", 0.0)
+        _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("init", self.init, INITS)
+        _check_choice("booster_init", self.booster_init, BOOSTER_INITS)
+        _check_real("booster_keep", self.booster_keep, "[0, 1)", 0.0, 1.0, optional=True)
         if self.booster_keep and self.booster_init not in KEEPING_INITS:
             raise ValueError(
-                f"booster_keep needs booster_init in {KEEPING_INITS} (a restart from b = 0 "
-                "keeps nothing)"
+                f"XGBLoRAConfig.booster_keep needs booster_init in {KEEPING_INITS} (a restart "
+                f"from b = 0 keeps nothing), got booster_init={self.booster_init!r}"
             )
-        if self.gradient_init_rounds is not None:
-            if self.booster_init != "gradient":
-                raise ValueError("gradient_init_rounds needs booster_init='gradient'")
-            if self.gradient_init_rounds < 1:
-                raise ValueError(
-                    f"gradient_init_rounds must be >= 1 or None, got {self.gradient_init_rounds}"
-                )
-        if self.power_iters < 1:
-            raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
-        if self.total_steps is not None and self.rounds is not None:
-            raise ValueError("give total_steps or rounds, not both")
-        if self.rewarm_steps < 0 or self.weight_decay < 0:
-            raise ValueError("rewarm_steps and weight_decay must be >= 0")
+        _check_int("gradient_init_rounds", self.gradient_init_rounds, 1, optional=True)
+        if self.gradient_init_rounds is not None and self.booster_init != "gradient":
+            raise ValueError(
+                "XGBLoRAConfig.gradient_init_rounds needs booster_init='gradient', got "
+                f"booster_init={self.booster_init!r}"
+            )
+        _check_choice("select", self.select, SELECTIONS)
+        _check_int("power_iters", self.power_iters, 1)
+        _check_real("weight_decay", self.weight_decay, "[0, inf)", 0.0)
+        _check_choice("optimizer_reset", self.optimizer_reset, OPTIMIZER_RESETS)
+        _check_int("rewarm_steps", self.rewarm_steps, 0)
+        _check_bool("verify_replicas", self.verify_replicas)
+        seeds = "an int in [-2**63, 2**64 - 1]"
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise _config_error(TypeError, "seed", seeds, self.seed)
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise _config_error(ValueError, "seed", seeds, self.seed)
+        _check_bool("record", self.record)
 
     @property
     def planned_steps(self) -> int | None:
@@ -263,6 +326,55 @@ class XGBLoRAConfig:
         return cls(**data)
 
 
+def _check_injected(
+    model: nn.Module,
+    layers: dict[str, FastRank1Linear],
+    cfg: XGBLoRAConfig,
+    modules_to_save: list[str] | tuple[str, ...],
+) -> None:
+    """A model injected before the ``Booster``: its layers must be the ones ``cfg`` describes, or
+    ``cfg.target_modules``, ``alpha`` and ``dropout`` would be silently ignored."""
+    differ = [
+        f"{n} (alpha={m.alpha}, dropout={m.dropout})"
+        for n, m in layers.items()
+        if m.alpha != float(cfg.alpha) or m.dropout != cfg.dropout
+    ]
+    if differ:
+        raise ValueError(
+            f"the model already holds FastRank1Linear layers whose alpha/dropout differ from the "
+            f"config's (alpha={cfg.alpha}, dropout={cfg.dropout}): {differ[:3]}; pass the values "
+            "they were injected with, or build the Booster on the model before xf.inject"
+        )
+    expected = targeted_names(model, cfg.target_modules, modules_to_save)
+    extra = [n for n in layers if n not in set(expected)]
+    missing = [n for n in expected if n not in layers]
+    if extra or missing:
+        raise ValueError(
+            f"the model already holds FastRank1Linear layers that config.target_modules="
+            f"{cfg.target_modules!r} does not select: injected but not targeted {extra[:3]}, "
+            f"targeted but not injected {missing[:3]}; pass the target_modules they were "
+            "injected with, or build the Booster on the model before xf.inject"
+        )
+
+
+def _warn_trainable_base(layers: dict[str, FastRank1Linear]) -> None:
+    """One warning if base weights of boosted layers require grad (FastRank1Linear froze them)."""
+    trainable = [
+        n
+        for n, m in layers.items()
+        if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)
+    ]
+    if trainable:
+        warnings.warn(
+            f"the base weight/bias of {len(trainable)} boosted layers require grad (e.g. "
+            f"{trainable[:3]}): an optimizer over them trains the full W, not XGBLoRA's "
+            "boosters; FastRank1Linear keeps them frozen, so call requires_grad_(False) on them "
+            "(model.requires_grad_(True) undoes it)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _write_rows_(t: torch.Tensor, whole: torch.Tensor) -> None:
     """``t[:] = whole`` (cast to t's dtype); for a row-sharded DTensor, only the rows held here."""
     local, start = local_rows(t)
@@ -287,9 +399,19 @@ class Booster:
 
     Args:
         model: the model; if it holds no ``FastRank1Linear`` yet, ``config.target_modules`` are
-            injected (base frozen, peft-style).
+            injected (base frozen, peft-style; ``"all-linear"`` leaves out the output embedding
+            and the task heads, which stay trainable). If it does (``xf.inject`` ran before),
+            the config must describe those layers: same ``alpha`` and ``dropout``, and
+            ``target_modules`` selecting exactly them (ValueError otherwise).
         config: the run's ``XGBLoRAConfig``.
         optimizer: the optimizer over the boosters (or attach it later with ``attach``).
+        modules_to_save: names (or dotted suffixes) of modules to train fully besides the
+            detected task heads (``classifier``, ``score``, ``qa_outputs``, ...; see
+            ``xf.patching.task_heads``), as peft's ``modules_to_save``.
+
+    Attributes:
+        modules_to_save: the task heads, fully trained outside the boosters: put
+            ``head_parameters()`` in the optimizer next to ``param_groups()``.
     """
 
     def __init__(
@@ -297,20 +419,32 @@ class Booster:
         model: nn.Module,
         config: XGBLoRAConfig | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        modules_to_save: list[str] | tuple[str, ...] = (),
     ) -> None:
+        if config is not None and not isinstance(config, XGBLoRAConfig):
+            raise TypeError(f"config must be an XGBLoRAConfig, got {type(config).__name__}")
         self.config = config or XGBLoRAConfig()
         cfg = self.config
         layers = {n: m for n, m in model.named_modules() if isinstance(m, FastRank1Linear)}
-        if not layers:
+        if layers:
+            _check_injected(model, layers, cfg, modules_to_save)
+        else:
             layers = inject(
                 model,
                 cfg.target_modules,
                 alpha=cfg.alpha,
                 dropout=cfg.dropout,
                 init=cfg.init,
+                modules_to_save=modules_to_save,
             )
+        _warn_trainable_base(layers)
         self.model = model
         self.layers: dict[str, FastRank1Linear] = layers
+        self.modules_to_save: list[str] = [
+            head
+            for head in task_heads(model, modules_to_save)
+            if not any(n == head or n.startswith(head + ".") for n in layers)
+        ]
         self.units = group_units(list(layers), cfg.sample_by)
         lps = cfg.layers_per_round
         n_units = len(self.units)
@@ -354,6 +488,8 @@ class Booster:
         for layer in layers.values():
             if not hasattr(layer, "merge_record"):
                 layer.merge_record = MergeRecord.for_layer(layer)
+            # xf.eject records the booster it merges too (the records outlive the layers).
+            layer.record_merges = cfg.record
         self.records: dict[str, MergeRecord] = {n: m.merge_record for n, m in layers.items()}
         # |W|_F when the booster was built: the history's relative update sizes divide by it, so
         # a round end reads no W beyond what its merges do.
@@ -366,6 +502,7 @@ class Booster:
             layer.reset_(self.generator)
         self._begin_round()
         self._arm_probes()
+        self._init_step_counting()
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -374,25 +511,52 @@ class Booster:
         """Every booster parameter (``lora_a``, ``lora_b`` of each layer)."""
         return [p for m in self.layers.values() for p in (m.lora_a, m.lora_b)]
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the task heads (``modules_to_save``), trained fully: a freshly
+        initialised classifier learns nothing unless they are in the optimizer, e.g.
+        ``AdamW([*booster.param_groups(), {"params": booster.head_parameters(), "lr": 1e-3}])``.
+        """
+        seen: set[int] = set()
+        params = []
+        for name in self.modules_to_save:
+            for p in self.model.get_submodule(name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
     def param_groups(self, **group_options: Any) -> list[dict[str, Any]]:
         """One optimizer param group with the boosters and ``config.weight_decay``."""
         return [
             {"params": self.parameters(), "weight_decay": self.config.weight_decay} | group_options
         ]
 
+    def _init_step_counting(self) -> None:
+        """State of the step counting that ``attach`` turns on (called by ``__init__``)."""
+        self._step_post_hook = None
+        # Optimizer steps that ran since the last ``step()`` call (counted once attached).
+        self._optimizer_steps = 0
+        self._warned_unattached = False
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Use ``optimizer`` for state resets, learning-rate re-warm-up and gradient init.
 
-        Wrappers that hold the real optimizer as ``.optimizer`` (accelerate's, as the
-        transformers ``Trainer`` passes it) are unwrapped for the step hook.
+        Once attached, rounds count the optimizer steps that actually ran (a step post-hook):
+        ``step()`` after a micro-batch of gradient accumulation, or after a step that a
+        ``GradScaler`` skipped (inf/NaN gradients), counts nothing. Wrappers that hold the real
+        optimizer as ``.optimizer`` (accelerate's, as the transformers ``Trainer`` passes it)
+        are unwrapped for the hooks.
         """
         self.optimizer = optimizer
-        if self._step_hook is not None:
-            self._step_hook.remove()
+        for handle in (self._step_hook, self._step_post_hook):
+            if handle is not None:
+                handle.remove()
         inner = optimizer
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
         self._step_hook = inner.register_step_pre_hook(self._before_optimizer_step)
+        self._step_post_hook = inner.register_step_post_hook(self._after_optimizer_step)
+        self._optimizer_steps = 0
 
     @property
     def done(self) -> bool:
@@ -421,16 +585,28 @@ class Booster:
         self._round_start_step = self.global_step
 
     def step(self, loss: float | None = None) -> bool:
-        """Count one optimizer step; at the end of a round merge, re-init and start the next.
+        """Count the optimizer step; at the end of a round merge, re-init and start the next.
 
         Call it after ``optimizer.step()`` (and after ``scheduler.step()``). ``loss`` (a float)
         goes into the round's history. Returns True when this step ended a round.
+
+        With an attached optimizer a round counts the optimizer steps that ran since the last
+        call, never calls: with gradient accumulation call it once per micro-batch or once per
+        optimizer step, either way; a call after a skipped step (``GradScaler`` found inf/NaN
+        gradients) counts nothing. Without ``attach`` every call counts one step.
         """
         if loss is not None:
             self._loss_sum += float(loss)
             self._loss_count += 1
-        self.global_step += 1
-        self.step_in_round += 1
+        if self._step_post_hook is None:
+            ran = 1
+        else:
+            ran, self._optimizer_steps = self._optimizer_steps, 0
+            if ran == 0:
+                self._drop_abandoned_captures()
+                return False
+        self.global_step += ran
+        self.step_in_round += ran
         if self._init_probe is not None and self._init_probe.captured:
             raise RuntimeError(
                 "booster_init='gradient' acts just before optimizer.step(): call "
@@ -446,6 +622,10 @@ class Booster:
 
     def finish(self) -> None:
         """Merge the boosters of an unfinished round, and all that ``booster_keep`` left."""
+        # Optimizer steps that ran after the last step() call belong to this round.
+        self.global_step += self._optimizer_steps
+        self.step_in_round += self._optimizer_steps
+        self._optimizer_steps = 0
         kept = any(bool(self.layers[n].lora_b.any()) for n in self.active)
         if self.step_in_round > 0 or kept:
             self._end_round(keep=0.0)
@@ -479,7 +659,61 @@ class Booster:
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self._init_probe is not None and self._init_probe.captured:
+            scales = self._gradient_scales()
             self._gradient_init()
+            for name, scale in scales.items():
+                grad = self.layers[name].lora_b.grad
+                if grad is not None:
+                    grad.mul_(scale)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_steps += 1
+
+    @torch.no_grad()
+    def _gradient_scales(self) -> dict[str, float]:
+        """Per active layer, what happened to its gradient between backward and this step.
+
+        The probe saw the backward's raw output gradients; a ``GradScaler`` has since unscaled
+        the parameters' gradients and the ``Trainer`` may have clipped them. At a round's start
+        ``b = 0``, so the backward's ``db`` is ``s G a``: its ratio to ``s |G a|`` from the
+        probe is the factor the gradient init's ``db`` must carry too (1 without either).
+        """
+        probe = self._init_probe
+        agree_across_ranks(self.active, f"the active layers of round {self.round}")
+        scales: dict[str, float] = {}
+        for name in self.active:
+            layer = self.layers[name]
+            grad = layer.lora_b.grad
+            a = layer.lora_a.full_tensor() if is_dtensor(layer.lora_a) else layer.lora_a
+            # Every rank runs the (all-reduced) product, whether or not it has a gradient.
+            implied = abs(layer.alpha) * float(
+                probe.gradient(name, layer.backend).matvec(a.detach().float()).norm()
+            )
+            if grad is None:
+                continue
+            whole = grad.full_tensor() if is_dtensor(grad) else grad
+            seen = float(whole.float().norm())
+            if implied > 0 and seen > 0 and math.isfinite(seen / implied):
+                scales[name] = seen / implied
+        return scales
+
+    def _drop_abandoned_captures(self) -> None:
+        """After a ``step()`` that no optimizer step preceded: if the gradients show that the
+        step was abandoned (zeroed, or inf/NaN: a ``GradScaler`` skipped it), re-arm the probes
+        so that their captures come from the step that will run, not from the skipped one. A
+        micro-batch of gradient accumulation leaves finite gradients: the captures stay."""
+        probes = [p for p in (self._init_probe, self._norm_probe) if p is not None]
+        if not any(any(p.pairs.values()) or p.sketches for p in probes):
+            return
+        grads = [
+            p.grad
+            for n in self.active
+            for p in (self.layers[n].lora_a, self.layers[n].lora_b)
+            if p.grad is not None
+        ]
+        finite = all(bool(g.isfinite().all()) for g in grads)
+        if not grads or not finite or not any(bool(g.any()) for g in grads):
+            self._arm_probes()
 
     @torch.no_grad()
     def _gradient_init(self) -> None:
@@ -527,6 +761,14 @@ class Booster:
         """Merge the round's boosters; ``keep`` (default ``self.booster_keep``) of each stays."""
         cfg = self.config
         keep = self.booster_keep if keep is None else keep
+        if self.optimizer is None and cfg.optimizer_reset != "none" and not self._warned_unattached:
+            self._warned_unattached = True
+            warnings.warn(
+                "Booster merged without an attached optimizer: the merged boosters' optimizer "
+                "state (Adam's moments) is kept across merges, and rounds count step() calls. "
+                "Call booster.attach(optimizer) before training",
+                stacklevel=3,
+            )
         # All or nothing: a booster with NaN/Inf (a diverged loss) stops the run before any layer
         # of the round is merged, so the weights stay as they were at the round's start.
         bad = [
