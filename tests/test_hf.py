@@ -78,6 +78,35 @@ def test_trainer_runs_boosting_rounds_and_merges(tmp_path):
     torch.testing.assert_close(plain, adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_trainer_bf16_autocast_on_fp32_or_bf16_weights(tmp_path, weight_dtype):
+    """Trainer(bf16=True) on CPU: the boosted layers run under bf16 autocast, the boosters
+    train in fp32, merges land in weights of their own dtype, and the result ejects."""
+    model = tiny_llama().to(weight_dtype)
+    cfg = xf.XGBLoRAConfig(target_modules=["q_proj", "v_proj"], kappa=2, kappa_growth=1.0)
+    booster = xf.Booster(model, cfg)
+    base = {n: m.weight.detach().clone() for n, m in booster.layers.items()}
+    seen = []
+    layer = next(iter(booster.layers.values()))
+    layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    trainer = make_trainer(tmp_path, model, booster, max_steps=4, bf16=True)
+    trainer.train()
+    # The layer's input has the weights' dtype (fp32 in, cast by autocast as for nn.Linear);
+    # its output the autocast dtype.
+    assert seen and set(seen) == {(weight_dtype, torch.bfloat16)}
+    rounds = [h for h in booster.history if h["steps"][1] > h["steps"][0]]  # + finish()'s merge
+    assert [h["steps"] for h in rounds] == [[0, 2], [2, 4]]
+    assert all(math.isfinite(h["loss"]) for h in rounds)
+    for name, m in booster.layers.items():
+        assert m.weight.dtype == weight_dtype and m.lora_a.dtype == torch.float32
+        assert m.weight.isfinite().all() and not torch.equal(m.weight, base[name]), name
+    ids = torch.arange(10)[None] % VOCAB
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(ids).logits
+        plain = xf.eject(model)(ids).logits
+    torch.testing.assert_close(plain, adapted, rtol=0, atol=0)
+
+
 def test_every_round_has_a_loss_when_logging_is_rarer_than_rounds(tmp_path):
     cfg = xf.XGBLoRAConfig(target_modules=["q_proj", "v_proj"], kappa=2, kappa_growth=1.0)
     model = tiny_llama()

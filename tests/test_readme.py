@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from offline_models import LLAMA_VOCAB, build_tiny_models, tiny_llama
+from offline_models import LLAMA_VOCAB, tiny_llama
+from sft_recipe import text_dataset, tiny_tokenizer
 from torch import nn
-from transformers import AutoModelForCausalLM, BertTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import xgblora_fast as xf
 from xgblora_fast.finetune import DEFAULT_LR, FinetuneConfig
@@ -51,12 +52,10 @@ SNIPPETS = readme_snippets()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """``path/to/model``: a tiny Llama (``q_proj``/``v_proj``, vocab 64) saved like a hub model,
-    with the tiny BERT word-piece tokenizer of ``offline_models`` (25 tokens)."""
-    root = tmp_path_factory.mktemp("readme_models")
-    build_tiny_models(root)
-    folder = root / "llama"
+    with the word-level tokenizer of ``sft_recipe`` (44 tokens, with pad and eos)."""
+    folder = tmp_path_factory.mktemp("readme_models") / "llama"
     tiny_llama().save_pretrained(folder)
-    BertTokenizerFast.from_pretrained(root / "gpt2").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -101,8 +100,14 @@ def setup_trained_booster(ns: dict, model_dir: Path) -> None:
     ns.update(xf=xf, peft=peft, booster=booster, base_model=base_model)
 
 
+def setup_sft_dataset(ns: dict, model_dir: Path) -> None:
+    """``dataset``: 16 rows of ``text`` (6 steps of batch 8 over TRL's default 3 epochs)."""
+    ns["dataset"] = text_dataset(16)
+
+
 SETUP: dict[str, Callable[[dict, Path], None]] = {
     "xf.export_lora(booster": setup_trained_booster,
+    "SFTTrainer(": setup_sft_dataset,
 }
 
 
@@ -135,7 +140,22 @@ def check_export(ns: dict, model_dir: Path, cwd: Path) -> None:
     assert changed and all(n.endswith("weight") for n in changed)  # round 3 subtracted
 
 
+def check_sft(ns: dict, model_dir: Path, cwd: Path) -> None:
+    args, booster = ns["trainer"].args, ns["booster"]
+    assert args.bf16 and args.gradient_checkpointing  # TRL's defaults, untouched
+    assert booster.optimizer is ns["trainer"].optimizer  # the callback attached it
+    assert booster.global_step == ns["trainer"].state.global_step > 0
+    assert booster.history and all(h["loss"] is not None for h in booster.history[:-1])
+    saved = AutoModelForCausalLM.from_pretrained(cwd / "out").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert saved.keys() == original.keys()
+    changed = {k for k in saved if not torch.equal(saved[k], original[k])}
+    # "all-linear": every projection moved; embeddings, norms and lm_head did not.
+    assert changed == {k for k in saved if k.endswith("_proj.weight")}
+
+
 CHECKS: dict[str, Callable[[dict, Path, Path], None]] = {
+    "SFTTrainer(": check_sft,
     "booster.finish(); xf.eject(model).save_pretrained": check_quick_start,
     "xf.export_lora(booster": check_export,
 }
