@@ -174,6 +174,37 @@ def test_step_skipped_by_grad_scaler_is_not_counted_and_never_merged():
         torch.testing.assert_close(weight, ref.layers[name].weight, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("booster_init", ["carry", "gradient"])
+def test_fp16_autocast_with_grad_scaler_overflows_are_skipped_not_counted(booster_init):
+    """fp16 autocast + GradScaler as people run it: a scale too large for fp16 makes the first
+    backwards overflow (inf output gradients), the scaler skips those steps and lowers the scale;
+    rounds count only the steps that ran, and every merge writes finite weights."""
+    cfg = config(booster_init=booster_init, kappa=2)
+    model, booster, optimizer = make(cfg, lr=1e-2)
+    base = boosted_weights(booster)
+    ran = []
+    optimizer.register_step_post_hook(lambda *_: ran.append(True))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    for x, t in batches(16):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        assert out.dtype == torch.float16  # the boosted GEMMs ran in fp16
+        loss = (out.float() - t).square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        booster.step(loss.item())
+    booster.finish()
+    assert 0 < len(ran) < 16  # some steps overflowed and were skipped, the others ran
+    assert booster.global_step == len(ran)
+    rounds = [h["steps"] for h in booster.history if h["steps"][1] > h["steps"][0]]
+    assert rounds == [[s, min(s + 2, len(ran))] for s in range(0, len(ran), 2)]
+    for name, layer in booster.layers.items():
+        assert layer.weight.dtype == torch.float32 and layer.weight.isfinite().all(), name
+        assert not torch.equal(layer.weight, base[name]), name  # the boosters trained, merged
+
+
 def test_unattached_booster_warns_once_at_the_first_merge():
     model, booster, optimizer = make(config(kappa=1), attach=False)
     with pytest.warns(UserWarning, match="attach"):
