@@ -20,6 +20,11 @@ that the whole run stays under 8 minutes):
 4. ``microbench``: ``bench/microbench.py`` in a quick GPU mode: three 7B-class layer shapes,
    N = 2048 and 16384, bf16 (``microbench_cuda.{csv,json,md}``, ``*_fwdbwd.png``, ``*_merge.png``).
 5. ``memory``: ``bench/memory.py --device cuda`` (``memory_cuda.{json,md,png}``).
+6. ``paths`` (run right after ``gpu-tests``): the Triton backend's two paths
+   (``ops/dispatch.py``), fused kernel vs cuBLAS GEMM + rank-1 kernels, next to the frozen
+   ``nn.Linear``: forward and backward times per shape (CUDA events), and a race check: many
+   launches of the fused path on large (and ragged) shapes, each compared with the cuBLAS
+   path's result within the dtype's tolerance (``paths_cuda.json``).
 
 Each step's output is in ``<step>.log``, its status and time in ``steps.json``. Last, the summary
 (``summarize``: a pure function of the files in the folder) goes to ``summary.json`` and
@@ -53,7 +58,13 @@ OUT_ENV = "XGBLORA_FAST_OUT"
 # 8 minutes on an H100 include the start-up, a killed step's 15 s of grace and the summary.
 DEFAULT_TIMEOUT_S = 450
 # The most each subprocess step may take (seconds); the total budget caps them further.
-STEP_LIMITS_S = {"build-cuda": 240, "gpu-tests": 240, "microbench": 240, "memory": 180}
+STEP_LIMITS_S = {
+    "build-cuda": 240,
+    "gpu-tests": 240,
+    "microbench": 240,
+    "memory": 180,
+    "paths": 150,
+}
 MICROBENCH_ARGS = (
     "--device",
     "cuda",
@@ -75,6 +86,14 @@ STEPS_JSON = "steps.json"
 JUNIT_XML = "gpu_tests.xml"
 MICROBENCH_JSON = "microbench_cuda.json"
 MEMORY_JSON = "memory_cuda.json"
+PATHS_JSON = "paths_cuda.json"
+# The paths step: (M, K) layer shapes, token counts N and dtypes of the timing table, and the
+# race check's (N, K, M) shapes (the largest, and a ragged one that fills no block) and launches.
+PATH_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+PATH_TOKENS = (16, 2048, 16384)
+PATH_DTYPES = ("bf16",)
+RACE_SHAPES = ((16384, 4096, 11008), (16383, 4095, 4097))
+RACE_LAUNCHES = 20
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 # Files of an earlier run in the same folder: replaced, so that no stale result is summarised.
@@ -83,6 +102,7 @@ OWN_OUTPUTS = (
     CEILINGS_JSON,
     STEPS_JSON,
     JUNIT_XML,
+    PATHS_JSON,
     SUMMARY_JSON,
     SUMMARY_MD,
     *(f"{step}.log" for step in STEP_LIMITS_S),
@@ -124,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"total time budget in seconds (default {DEFAULT_TIMEOUT_S}); steps that would "
         "start after it are not run",
     )
+    # Internal: the "paths" step's subprocess (needs the GPU to itself, like the other steps).
+    parser.add_argument("--paths-step", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.out is None:
         default = os.environ.get(OUT_ENV) or f"gpu_check_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -285,6 +307,12 @@ def planned_steps(args: argparse.Namespace, out: Path) -> list[tuple[str, list[s
         ("build-cuda", skip_build or build_cmd),
         ("gpu-tests", "--skip-tests" if args.skip_tests else pytest_cmd),
         (
+            "paths",
+            "--skip-bench"
+            if args.skip_bench
+            else [python, str(BENCH / "gpu_check.py"), "--paths-step", "--out", str(out)],
+        ),
+        (
             "microbench",
             "--skip-bench"
             if args.skip_bench
@@ -297,6 +325,139 @@ def planned_steps(args: argparse.Namespace, out: Path) -> list[tuple[str, list[s
             else [python, str(BENCH / "memory.py"), "--device", "cuda", "--out", str(out)],
         ),
     ]
+
+
+# ------------------------------------------------------------------------------ paths step
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _layer(n: int, k: int, m: int, dtype: str, device: str, seed: int = 0):
+    """``(x, weight, bias, a, b, dy, u)`` for one layer (fp32 adapters, as peft keeps them)."""
+    import torch
+
+    dt = getattr(torch, _TORCH_DTYPES[dtype])
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, k, device=device, generator=g).to(dt)
+    weight = (torch.randn(m, k, device=device, generator=g) / k**0.5).to(dt)
+    bias = torch.randn(m, device=device, generator=g).to(dt)
+    a = torch.randn(k, device=device, generator=g) / k**0.5
+    b = torch.randn(m, device=device, generator=g)
+    dy = torch.randn(n, m, device=device, generator=g).to(dt)
+    return x, weight, bias, a, b, dy, x.float() @ a
+
+
+def _path_runners(layer, scale: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Per operation, the frozen ``nn.Linear``'s work and the two paths, as no-arg callables."""
+    import torch
+    import torch.nn.functional as F
+
+    from xgblora_fast.ops import rank1_linear as rl
+
+    x, weight, bias, a, b, dy, u = layer
+    bwd = (dy, x, weight, a, b, u, scale, None, True, True, True)
+    return {
+        "forward": {
+            "linear": lambda: F.linear(x, weight, bias),
+            "fused": lambda: rl._forward_triton(x, weight, bias, a, b, scale, None),
+            "cublas": lambda: rl._forward_cublas(x, weight, bias, a, b, scale, None),
+        },
+        "backward": {
+            "linear": lambda: torch.mm(dy, weight),
+            "fused": lambda: rl._backward_triton(*bwd),
+            "cublas": lambda: rl._backward_cublas(*bwd),
+        },
+    }
+
+
+def _do_bench_s(run) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median") / 1e3
+
+
+def path_timings(
+    shapes=PATH_SHAPES, tokens=PATH_TOKENS, dtypes=PATH_DTYPES, device="cuda", timer=_do_bench_s
+) -> list[dict[str, Any]]:
+    """Forward and backward seconds of ``nn.Linear``, the fused path and the cuBLAS path per
+    (shape, N, dtype), with the two paths' agreement and what ``backend="auto"`` would pick."""
+    import torch
+
+    from xgblora_fast.ops.dispatch import DECODE_MAX_N, agreement
+
+    rows = []
+    for (m, k), n, dtype in ((s, n, d) for s in shapes for n in tokens for d in dtypes):
+        layer = _layer(n, k, m, dtype, device)
+        for op, runners in _path_runners(layer).items():
+            agree, err, tol = agreement(runners["fused"](), runners["cublas"](), layer[0].dtype)
+            times = {p: timer(run) for p, run in runners.items()}
+            fused_wins = agree and times["fused"] < times["cublas"] and n > DECODE_MAX_N
+            rows.append(
+                {
+                    "operation": op,
+                    "shape": f"{m}x{k}",
+                    "N": n,
+                    "dtype": dtype,
+                    **{f"{p}_ms": t * 1e3 for p, t in times.items()},
+                    "fused_over_linear": times["fused"] / times["linear"],
+                    "cublas_over_linear": times["cublas"] / times["linear"],
+                    "error": err,
+                    "tolerance": tol,
+                    "auto": "fused" if fused_wins else "cublas",
+                }
+            )
+        del layer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def race_check(
+    shapes=RACE_SHAPES, launches=RACE_LAUNCHES, dtype="bf16", device="cuda"
+) -> dict[str, Any]:
+    """``launches`` fused forwards and backwards per shape, back to back, each compared with the
+    cuBLAS path's result (computed once) within the dtype's tolerance; a race in the fused
+    kernels (a tile read before its writer finished, a lost partial row) shows as a mismatch."""
+    import torch
+
+    from xgblora_fast.ops.dispatch import agreement
+
+    worst, failures, total = 0.0, [], 0
+    tolerance = None
+    for n, k, m in shapes:
+        layer = _layer(n, k, m, dtype, device, seed=n + k + m)
+        for op, runners in _path_runners(layer).items():
+            reference = runners["cublas"]()
+            for i in range(launches):
+                agree, err, tolerance = agreement(runners["fused"](), reference, layer[0].dtype)
+                worst, total = max(worst, err), total + 1
+                if not agree:
+                    failures.append({"shape": f"{n}x{k}x{m}", "op": op, "launch": i, "error": err})
+            del reference
+        del layer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "launches": total,
+        "shapes": [f"{n}x{k}x{m}" for n, k, m in shapes],
+        "dtype": dtype,
+        "max_error": worst,
+        "tolerance": tolerance,
+        "failures": failures,
+    }
+
+
+def paths_step(out: Path) -> int:
+    """The ``paths`` step: ``paths_cuda.json``; exit status 1 when the race check failed."""
+    import torch
+
+    data = {"device": torch.cuda.get_device_name(), "timings": [], "race": None}
+    for shape in PATH_SHAPES:  # written after each shape: a step killed at its limit keeps them
+        data["timings"] += path_timings(shapes=(shape,))
+        (out / PATHS_JSON).write_text(json.dumps(data, indent=1))
+    data["race"] = race_check()
+    (out / PATHS_JSON).write_text(json.dumps(data, indent=1))
+    print(json.dumps(data["race"], indent=1))
+    return 1 if data["race"]["failures"] else 0
 
 
 # ------------------------------------------------------------------------------ summary
@@ -403,10 +564,13 @@ def summarize(out: Path) -> dict[str, Any]:
     tests = junit_counts(out / JUNIT_XML)
     micro = read_json(out / MICROBENCH_JSON)
     memory = read_json(out / MEMORY_JSON)
+    paths = read_json(out / PATHS_JSON)
     fwd_bwd, merges, copy_gbps = microbench_ratios(micro) if micro else ([], [], None)
     # A test run that passed nothing (e.g. every test skipped) is no validation.
     tests_ok = tests is None or (tests["failed"] + tests["errors"] == 0 and tests["passed"] > 0)
-    ok = bool(steps) and all(s["status"] in BENIGN for s in steps) and tests_ok
+    race = paths.get("race") if paths else None
+    race_ok = race is None or not race["failures"]
+    ok = bool(steps) and all(s["status"] in BENIGN for s in steps) and tests_ok and race_ok
     return {
         "ok": ok,
         "environment": read_json(out / ENV_JSON),
@@ -417,6 +581,7 @@ def summarize(out: Path) -> dict[str, Any]:
         "merge": merges,
         "merge_copy_gbps": copy_gbps,
         "memory": memory_rows(memory) if memory else None,
+        "paths": paths,
     }
 
 
@@ -523,6 +688,51 @@ def _render_memory(memory: dict[str, list[dict]] | None) -> list[str]:
     ]
 
 
+PATHS_HEAD = [
+    "op",
+    "shape",
+    "N",
+    "dtype",
+    "nn.Linear ms",
+    "fused ms",
+    "cuBLAS path ms",
+    "fused / nn.Linear",
+    "cuBLAS path / nn.Linear",
+    "auto",
+]
+
+
+def _render_paths(paths: dict[str, Any] | None) -> list[str]:
+    if paths is None:
+        return ["Fused vs cuBLAS path: no results"]
+    rows = [
+        [
+            r["operation"],
+            r["shape"],
+            str(r["N"]),
+            r["dtype"],
+            f"{r['linear_ms']:.3f}",
+            f"{r['fused_ms']:.3f}",
+            f"{r['cublas_ms']:.3f}",
+            f"{r['fused_over_linear']:.3f}",
+            f"{r['cublas_over_linear']:.3f}",
+            r["auto"],
+        ]
+        for r in paths["timings"]
+    ]
+    race = paths.get("race")
+    if race is None:
+        verdict = "Race check: no results"
+    else:
+        verdict = (
+            f"Race check: {race['launches']} fused launches on {', '.join(race['shapes'])} "
+            f"({race['dtype']}), max error vs the cuBLAS path {race['max_error']:.2e} "
+            f"(tolerance {race['tolerance']:.0e}): "
+            + ("PASS" if not race["failures"] else f"FAIL, {len(race['failures'])} mismatches")
+        )
+    return [*_table(PATHS_HEAD, rows), "", verdict]
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """The summary as markdown: verdict, machine, steps, tests, ratios, merge, memory."""
     env, ceil = summary["environment"], summary["ceilings"]
@@ -543,6 +753,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         _render_tests(summary["tests"]),
         _render_microbench(summary),
         _render_memory(summary["memory"]),
+        _render_paths(summary.get("paths")),
     ]
     for section in sections:
         lines += ["", *section]
@@ -564,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(reason, file=sys.stderr)
         return 2
+    if args.paths_step:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return paths_step(args.out.resolve())
     deadline = time.monotonic() + args.timeout_s
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

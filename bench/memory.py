@@ -27,6 +27,12 @@ minus ``memory_allocated()`` before (tensors only, not the caching allocator's r
 
     python bench/memory.py            # bench/results/memory_<device>.{json,md,png} (~2 min CPU)
     python bench/memory.py --quick    # a tiny model and a small W: memory_<device>_quick.*
+    python bench/memory.py --temporaries [--json]   # computed from sizes, no run, no GPU
+
+Backward temporaries (``--temporaries``): the peak bytes the Triton backward of one layer allocates
+besides its outputs (``dx``, ``da``, ``db``, ``dbias``), for bf16 layers of a 7B-class model,
+computed from the sizes the launchers allocate (``backward_temporaries``), before and after the
+column sums of ``dy`` left the dx GEMM, against the layer's activation bytes (``x`` and ``y``).
 """
 
 from __future__ import annotations
@@ -262,6 +268,68 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------ backward temporaries
+# (N tokens, K in_features, M out_features) of the --temporaries table: 7B-class attention
+# projection, MLP up and down projections (Llama-3-8B: 4096 -> 14336 -> 4096).
+TEMPORARY_LAYERS = ((4096, 4096), (4096, 14336), (14336, 4096))
+TEMPORARY_TOKENS = (512, 2048, 4096, 16384)
+
+
+def _colsum_partial_rows(n: int, c: int) -> int:
+    """Rows of ``weighted_colsum_triton``'s fp32 ``[split, C]`` partials on a GPU (its split
+    arithmetic with the compiled kernel's blocks: 32 rows, 128 columns, ~1024 programs)."""
+    block_n, block_c, target = 32, 128, 1024
+    col_blocks = -(-c // block_c)
+    row_blocks = max(-(-n // block_n), 1)
+    split = max(1, min(row_blocks, target // col_blocks))
+    rows_per_split = -(-row_blocks // split) * block_n
+    return max(1, -(-n // rows_per_split))
+
+
+def backward_temporaries(n: int, k: int, m: int, elt: int = 2) -> dict[str, Any]:
+    """Peak temporary bytes of one layer's Triton backward (dx, da, db, dbias, no dropout).
+
+    The backward runs in phases, each freeing its temporaries before the next (PyTorch's caching
+    allocator reuses them), so the peak is ``v = dy.b`` (``N`` floats, alive throughout) plus
+    the largest phase. Before: the dx GEMM also wrote fp32 partial rows of ``dy^T u`` and
+    ``dy^T 1``, sized for the smallest row block of any config (16 rows: ``2 ceil(N/16) M``
+    floats); then ``da``'s ``weighted_colsum_triton`` partials over ``x``. After: the dx GEMM's
+    row-dot source ``V [M, 4]`` in the input dtype with its ``[4]`` fp32 scales; ``da``'s
+    partials; then the partials of the pass over ``dy`` for ``db`` and ``dbias``.
+    ``activation_bytes`` is ``x`` plus ``y`` (the size of ``dy``) in the layer's dtype.
+    """
+    f4 = 4
+    v = n * f4
+    da_partials = _colsum_partial_rows(n, k) * k * f4
+    before = v + max(2 * -(-n // 16) * m * f4, da_partials)
+    after = v + max(m * 4 * elt + 4 * f4, da_partials, 2 * _colsum_partial_rows(n, m) * m * f4)
+    activation = n * (k + m) * elt
+    return {
+        "N": n,
+        "K": k,
+        "M": m,
+        "activation_bytes": activation,
+        "before_bytes": before,
+        "after_bytes": after,
+        "before_fraction": before / activation,
+        "after_fraction": after / activation,
+    }
+
+
+def temporaries_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| N | K -> M | activations MiB | before MiB | before % | after MiB | after % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['N']} | {r['K']} -> {r['M']} | {r['activation_bytes'] / MIB:.1f} | "
+            f"{r['before_bytes'] / MIB:.2f} | {100 * r['before_fraction']:.2f} | "
+            f"{r['after_bytes'] / MIB:.2f} | {100 * r['after_fraction']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ outputs
 def summary_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], stem: str) -> str:
     """Tables of the training peaks (ratios to XGBLoRA's) and of the merges' extra memory."""
@@ -344,7 +412,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="file name suffix (default: '_quick' with --quick)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one job, as JSON
+    parser.add_argument(
+        "--temporaries", action="store_true", help="backward temporaries, from sizes only"
+    )
+    parser.add_argument("--json", action="store_true", help="--temporaries as JSON")
     args = parser.parse_args(argv)
+
+    if args.temporaries:
+        rows = [
+            backward_temporaries(n, k, m) for k, m in TEMPORARY_LAYERS for n in TEMPORARY_TOKENS
+        ]
+        print(json.dumps(rows, indent=1) if args.json else temporaries_markdown(rows))
+        return 0
 
     if args.worker:
         job = json.loads(args.worker)

@@ -357,3 +357,33 @@ def test_pytest_benchmark_file_runs():
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "21 passed" in proc.stdout
+
+
+def test_path_comparison_counts_the_cublas_paths_extra_passes():
+    """The cuBLAS path = the frozen GEMMs + passes over x, y (read+write), dy, dx (read+write),
+    x and dy for the rank-1 parts; the fused path folds them into its GEMM."""
+    n, k, m, elt = 4096, 1024, 2048, 2
+    costs = {c.name: c for c in roofline.cublas_path_costs(n, k, m, elt)}
+    assert (
+        costs["cuBLAS y = x W^T + bias"].bytes
+        == _cost("linear", "GEMM y = x W^T + bias", n, k, m, elt).bytes
+    )
+    assert costs["rank1_epilogue_kernel y += s u b^T"].bytes == 2 * elt * n * m + 4 * (n + m)
+    assert costs["rowdot_kernel u = x.a"].bytes == elt * n * k + 4 * (k + n)
+    rows = {r["operation"]: r for r in roofline.path_comparison(n, k, m, "bf16")}
+    assert list(rows) == ["forward", "backward", "forward+backward"]
+    fwd = rows["forward"]
+    extra_bytes = fwd["cublas_bytes"] - fwd["linear_bytes"]
+    assert extra_bytes == elt * n * k + 4 * (k + n) + 2 * elt * n * m + 4 * (n + m)
+    for r in rows.values():
+        assert r["linear_us"] <= r["fused_us"] < r["cublas_us"]
+        assert r["cublas_over_fused"] == pytest.approx(r["cublas_us"] / r["fused_us"])
+    both = rows["forward+backward"]
+    assert both["cublas_us"] == pytest.approx(
+        rows["forward"]["cublas_us"] + rows["backward"]["cublas_us"]
+    )
+    # Decode-sized N: weight-bound, the extra passes cost next to nothing.
+    decode = roofline.path_comparison(16, 4096, 4096, "bf16")[2]
+    assert decode["cublas_over_linear"] < 1.05
+    with pytest.raises(ValueError, match="dtype"):
+        roofline.path_comparison(16, 8, 8, "int8")

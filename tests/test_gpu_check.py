@@ -97,7 +97,13 @@ def test_refuses_clearly_without_a_gpu(tmp_path):
 def test_planned_steps_follow_the_skip_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "build_skip_reason", lambda: None)
     plan = dict(gpu_check.planned_steps(gpu_check.parse_args([]), tmp_path))
-    assert list(plan) == ["build-cuda", "gpu-tests", "microbench", "memory"]
+    assert list(plan) == ["build-cuda", "gpu-tests", "paths", "microbench", "memory"]
+    assert plan["paths"][1:] == [
+        str(REPO / "bench" / "gpu_check.py"),
+        "--paths-step",
+        "--out",
+        str(tmp_path),
+    ]
     assert plan["build-cuda"][-1] == "build"
     assert plan["gpu-tests"][1:6] == ["-m", "pytest", "tests/gpu", "-m", "gpu"]
     assert f"--junitxml={tmp_path / gpu_check.JUNIT_XML}" in plan["gpu-tests"]
@@ -110,7 +116,7 @@ def test_planned_steps_follow_the_skip_flags(tmp_path, monkeypatch):
     ]
     assert plan["memory"][1:] == [str(bench / "memory.py"), "--device", "cuda", *out]
     plan = dict(gpu_check.planned_steps(gpu_check.parse_args(["--skip-bench"]), tmp_path))
-    assert plan["microbench"] == plan["memory"] == "--skip-bench"
+    assert plan["microbench"] == plan["memory"] == plan["paths"] == "--skip-bench"
     assert isinstance(plan["build-cuda"], list)  # the tests still need the extension
     plan = dict(gpu_check.planned_steps(gpu_check.parse_args(["--skip-tests"]), tmp_path))
     assert plan["gpu-tests"] == "--skip-tests" and isinstance(plan["build-cuda"], list)
@@ -368,3 +374,86 @@ def test_sample_and_parser_match_what_the_benchmarks_write():
         memory.METHODS.values()
     )
     assert {r["key"] for r in mem["rows"] if r["kind"] == "merge"} == set(memory.MERGES)
+
+
+# ---- the paths step (fused vs cuBLAS path) ------------------------------------------------------
+
+
+def test_path_timings_and_race_check_run_both_paths():
+    """The paths step's code on CPU tensors through the Triton interpreter, tiny shapes."""
+    calls = []
+
+    def timer(run):
+        calls.append(run)
+        run()
+        return 1e-3 * len(calls)
+
+    rows = gpu_check.path_timings(
+        shapes=((17, 12),), tokens=(20, 33), dtypes=("fp32",), device="cpu", timer=timer
+    )
+    assert [(r["operation"], r["N"]) for r in rows] == [
+        ("forward", 20),
+        ("backward", 20),
+        ("forward", 33),
+        ("backward", 33),
+    ]
+    assert len(calls) == 12  # nn.Linear, fused, cuBLAS path per row
+    for r in rows:
+        assert r["shape"] == "17x12" and r["error"] < r["tolerance"]
+        assert r["fused_over_linear"] == pytest.approx(r["fused_ms"] / r["linear_ms"])
+        assert r["auto"] == "fused"  # the fake timer makes fused faster than cuBLAS...
+    assert (
+        gpu_check.path_timings(
+            shapes=((17, 12),), tokens=(16,), dtypes=("fp32",), device="cpu", timer=timer
+        )[0]["auto"]
+        == "cublas"
+    )  # ...but decode-sized N goes to cuBLAS
+    race = gpu_check.race_check(shapes=((9, 12, 17),), launches=2, dtype="fp32", device="cpu")
+    assert race["launches"] == 4 and race["failures"] == []
+    assert race["max_error"] < race["tolerance"]
+
+
+def _paths_data(failures=()):
+    row = {
+        "operation": "forward",
+        "shape": "4096x4096",
+        "N": 16384,
+        "dtype": "bf16",
+        "linear_ms": 0.700,
+        "fused_ms": 0.710,
+        "cublas_ms": 0.830,
+        "fused_over_linear": 0.710 / 0.700,
+        "cublas_over_linear": 0.830 / 0.700,
+        "error": 1e-3,
+        "tolerance": 3e-2,
+        "auto": "fused",
+    }
+    race = {
+        "launches": 80,
+        "shapes": ["16384x4096x11008", "16383x4095x4097"],
+        "dtype": "bf16",
+        "max_error": 2e-3,
+        "tolerance": 3e-2,
+        "failures": list(failures),
+    }
+    return {"device": "NVIDIA H100 80GB HBM3", "timings": [row], "race": race}
+
+
+def test_summary_shows_the_paths_table_and_fails_on_a_race(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(SAMPLE, out)
+    assert "Fused vs cuBLAS path: no results" in gpu_check.render_summary(gpu_check.summarize(out))
+    (out / gpu_check.PATHS_JSON).write_text(json.dumps(_paths_data()))
+    summary = gpu_check.summarize(out)
+    assert summary["ok"]
+    text = gpu_check.render_summary(summary)
+    assert (
+        "| forward | 4096x4096 | 16384 | bf16 | 0.700 | 0.710 | 0.830 | 1.014 | 1.186 | fused |"
+        in text
+    )
+    assert "Race check: 80 fused launches" in text and "PASS" in text
+    bad = [{"shape": "16384x4096x11008", "op": "backward", "launch": 7, "error": 0.5}]
+    (out / gpu_check.PATHS_JSON).write_text(json.dumps(_paths_data(bad)))
+    summary = gpu_check.summarize(out)
+    assert not summary["ok"]
+    assert "FAIL, 1 mismatches" in gpu_check.render_summary(summary)

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from xgblora_fast.kernels.rank1_gemm import GEMM_CONFIGS, colsum_configs
+from xgblora_fast.inspect import GEMM_VARIANTS
+from xgblora_fast.kernels.rank1_gemm import GEMM_CONFIGS
 
 pytestmark = pytest.mark.aot
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
-GEMM_KERNELS = ("rank1_gemm_kernel", "rank1_gemm_kernel[dx,db,dbias]")
+GEMM_KERNELS = tuple(GEMM_VARIANTS)
 OTHER_KERNELS = (
     "weighted_colsum_kernel",
     "rank1_merge_kernel[nearest]",
@@ -50,11 +51,9 @@ def _rows(report: list[dict[str, Any]], kernel: str, arch: str) -> list[dict[str
     return [row for row in report if row["kernel"] == kernel and row["arch"] == arch]
 
 
-def _expected_configs(kernel: str, arch: str) -> list[dict[str, int]]:
-    """Every autotune config; for dx with the folded column sums, those the autotuner keeps."""
+def _expected_configs(arch: str) -> list[dict[str, int]]:
+    """Every autotune config of the arch (each variant of the GEMM compiles all of them)."""
     configs = GEMM_CONFIGS[int(arch.removeprefix("sm_"))]
-    if kernel == "rank1_gemm_kernel[dx,db,dbias]":
-        configs = colsum_configs(configs)
     return [
         {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} for cfg in configs
     ]
@@ -85,7 +84,7 @@ def test_every_gemm_autotune_config_is_compiled(report):
     for arch in ARCHS:
         for kernel in GEMM_KERNELS:
             got = [row["config"] for row in _rows(report, kernel, arch)]
-            assert got == _expected_configs(kernel, arch), (kernel, arch)
+            assert got == _expected_configs(arch), (kernel, arch)
 
 
 def test_bf16_gemm_uses_tensor_cores(report):
@@ -101,6 +100,8 @@ def test_bf16_gemm_uses_tensor_cores(report):
 
 
 def test_sm90_gemm_configs_do_not_spill(report):
+    """Every variant and config on sm_90. (sm_80 keeps the FMA row dot, no race there; its
+    4-warp 128x128 dx-with-dropout config spills 4 bytes, as it did before.)"""
     spilling = [
         (row["kernel"], row["config"], row["registers"], row["spills_bytes"])
         for kernel in GEMM_KERNELS
@@ -108,6 +109,35 @@ def test_sm90_gemm_configs_do_not_spill(report):
         if row["spills_bytes"] != 0
     ]
     assert not spilling, spilling
+
+
+def test_report_carries_the_wgmma_buffers(report):
+    """sm_90 wgmma configs: every operand has ``num_stages`` shared-memory buffers (the
+    invariant of tests/test_wgmma_buffers.py); mma.sync configs and sm_80 report none."""
+    for row in report:
+        uses_wgmma = "HGMMA" in row["tensor_core_instructions"]
+        if uses_wgmma:
+            stages = row["config"]["num_stages"]
+            assert row["smem_buffers"], row
+            assert set(row["smem_buffers"].values()) == {stages}, row
+            assert row["wgmma_pendings"] >= 1, row
+        else:
+            assert row["smem_buffers"] == {} and row["wgmma_pendings"] is None, row
+
+
+def test_table_shows_the_wgmma_buffers(report):
+    from xgblora_fast.inspect import format_table
+
+    table = format_table(report).splitlines()
+    assert "wgmma buffers" in table[0]
+    [line] = [
+        line
+        for line in table
+        if line.startswith("rank1_gemm_kernel ")
+        and "sm_90" in line
+        and "BLOCK_N=128 BLOCK_M=256" in line
+    ]
+    assert "a=3 b=3 v=3" in line and "HGMMA" in line
 
 
 def test_merge_and_reduce_use_no_tensor_cores(report):
@@ -147,3 +177,19 @@ def test_merge_seed_and_row_offset_are_never_specialised_by_the_jit():
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     assert proc.stdout.strip() == "[True, True]"
+
+
+def test_gemm_autotuning_is_per_shape_bucket_and_cached_across_processes():
+    """N (the batch's token count) is neither specialised nor a key (N_BUCKET is), the tuned
+    config is cached on disk, and no config prune depends on the call: every rank tunes over
+    the same candidates for the same (M, K, N_BUCKET, stride_bk)."""
+    code = (
+        "from xgblora_fast.kernels.rank1_gemm import rank1_gemm_kernel as k; "
+        "print([p.do_not_specialize for p in k.fn.params if p.name == 'N'], k.cache_results, "
+        "k.keys, k.early_config_prune)"
+    )
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == "[True] True ['M', 'K', 'N_BUCKET', 'stride_bk'] None"

@@ -43,9 +43,15 @@ import torch
 import torch.nn as nn
 
 from xgblora_fast.distributed import agree_across_ranks, verify_replicas
-from xgblora_fast.gradient_probe import GradientProbe, top_singular_pair
+from xgblora_fast.gradient_probe import (
+    SKETCH_PROBES,
+    GradientProbe,
+    _mean_over_ranks,
+    top_singular_pair,
+)
 from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor, local_rows
-from xgblora_fast.ops.checks import ROUNDINGS
+from xgblora_fast.ops import checks
+from xgblora_fast.ops.checks import ROUNDINGS, abs_max_tensor
 from xgblora_fast.patching import check_target_modules, inject, targeted_names, task_heads
 from xgblora_fast.records import MergeRecord
 
@@ -626,12 +632,19 @@ class Booster:
         self.global_step += self._optimizer_steps
         self.step_in_round += self._optimizer_steps
         self._optimizer_steps = 0
-        kept = any(bool(self.layers[n].lora_b.any()) for n in self.active)
-        if self.step_in_round > 0 or kept:
+        if self.step_in_round > 0 or self._any_booster_kept():
             self._end_round(keep=0.0)
         self._disarm_probes()
         for layer in self.layers.values():
             layer.active = False
+
+    def _any_booster_kept(self) -> bool:
+        """Whether an active booster is not zero (``booster_keep`` left it): one host read."""
+        whole = [
+            b.full_tensor() if is_dtensor(b) else b
+            for b in (self.layers[n].lora_b.detach() for n in self.active)
+        ]
+        return any(checks.host_values(*(b.any() for b in whole)))
 
     # ----------------------------------------------------------------- gradient probes
     def _arm_probes(self) -> None:
@@ -745,12 +758,22 @@ class Booster:
         probe.remove()
         self._init_probe = None
 
-    def _take_unit_scores(self) -> dict[str, float] | None:
-        """Each unit's gradient norm from the last step's sketch (None if none was taken)."""
+    def _unit_score_tensors(self) -> tuple[list[str], list[torch.Tensor]] | None:
+        """``(layers, |G omega|^2 summed over the probes)`` from the last step's sketch, on the
+        device (``GradientProbe.squared_norms`` without its host reads); None if none was taken.
+        """
         probe = self._norm_probe
         if probe is None or not probe.captured:
             return None
-        squared = probe.squared_norms()
+        names = list(probe.sketches)
+        # |mean_r G_r omega|^2 needs the averaged vectors: one collective over every layer's.
+        flat = _mean_over_ranks(torch.cat([probe.sketches[n].flatten() for n in names]))
+        chunks = flat.split([probe.sketches[n].numel() for n in names])
+        return names, [c.square().sum() for c in chunks]
+
+    def _unit_scores_from(self, names: list[str], sums: list[float]) -> dict[str, float]:
+        """Each unit's gradient norm from the values of ``_unit_score_tensors``."""
+        squared = {n: v / SKETCH_PROBES for n, v in zip(names, sums, strict=True)}
         return {
             unit: math.sqrt(sum(squared[m] for m in members))
             for unit, members in self.units.items()
@@ -769,29 +792,59 @@ class Booster:
                 "Call booster.attach(optimizer) before training",
                 stacklevel=3,
             )
+        keep_a = cfg.booster_init in KEEPING_INITS
+        # Every value the round end decides on (finite boosters, history norms, unit scores, the
+        # merges' safety checks) is measured on the device first and read in ONE transfer: a
+        # round end costs one host synchronisation, whatever the number of layers.
+        generator_state = self.generator.get_state()  # a refused round draws nothing
+        plans = []
+        tensors: list[torch.Tensor] = []
+        for name in self.active:
+            layer = self.layers[name]
+            whole_a, whole_b = (
+                p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_a, layer.lora_b)
+            )
+            next_a = self._redrawn_a(layer) if cfg.booster_init == "redraw" else None
+            direction, step = layer.merge_direction(cfg.merge_step, keep, next_a)
+            request, finish = layer.merge_stats_request(
+                cfg.rounding, cfg.merge_step, keep, next_a, keep_a
+            )
+            # max |a|, max |b| of the booster (its NaN/Inf check): the merge's own where the same.
+            a_max = request[0] if request and direction is whole_a else abs_max_tensor(whole_a)
+            b_max = request[1] if request and whole_b is layer.lora_b else abs_max_tensor(whole_b)
+            own = [a_max, b_max, direction.norm(), whole_b.detach().norm()]
+            plans.append((name, next_a, direction, step, finish, len(own), len(request)))
+            tensors += own + request
+        scored = self._unit_score_tensors()
+        score_names, score_tensors = scored if scored is not None else ([], [])
+        values = checks.host_values(*tensors, *score_tensors)
         # All or nothing: a booster with NaN/Inf (a diverged loss) stops the run before any layer
         # of the round is merged, so the weights stay as they were at the round's start.
-        bad = [
-            n
-            for n in self.active
-            if not all(
-                bool(p.isfinite().all()) for p in (self.layers[n].lora_a, self.layers[n].lora_b)
-            )
-        ]
+        bad = []
+        at = 0
+        for name, *_, n_own, n_request in plans:
+            if not (math.isfinite(values[at]) and math.isfinite(values[at + 1])):
+                bad.append(name)
+            at += n_own + n_request
         if bad:
+            self.generator.set_state(generator_state)
             raise FloatingPointError(
                 f"round {self.round}: the boosters of {bad[:4]} contain NaN/Inf (did the loss "
                 "diverge?); nothing was merged, the weights are unchanged. Lower the learning "
                 "rate or resume from the last checkpoint"
             )
-        self._unit_scores = self._take_unit_scores()
+        self._unit_scores = (
+            None if scored is None else self._unit_scores_from(score_names, values[at:])
+        )
         update_norms: dict[str, float] = {}
         relative: dict[str, float] = {}
-        for index, name in enumerate(self.active):
+        at = 0
+        for index, (name, next_a, direction, step, finish, n_own, n_request) in enumerate(plans):
             layer = self.layers[name]
-            next_a = self._redrawn_a(layer) if cfg.booster_init == "redraw" else None
-            direction, step = layer.merge_direction(cfg.merge_step, keep, next_a)
-            norm = abs(step * layer.alpha) * float(direction.norm()) * float(layer.lora_b.norm())
+            direction_norm, b_norm = values[at + 2], values[at + 3]
+            stats = finish(values[at + n_own : at + n_own + n_request])
+            at += n_own + n_request
+            norm = abs(step * layer.alpha) * direction_norm * b_norm
             w_norm = self._base_norms[name]
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
@@ -806,9 +859,10 @@ class Booster:
                     seed,
                     cfg.merge_step,
                     self.generator,
-                    keep_a=cfg.booster_init in KEEPING_INITS,
+                    keep_a=keep_a,
                     keep_b=keep,
                     next_a=next_a,
+                    stats=stats,
                 )
             except Exception:
                 if cfg.record:  # a refused merge (W untouched) leaves no record behind

@@ -127,13 +127,13 @@ def verify_replicas(source: Any, group: Any = None, where: str = "") -> None:
 
     counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([local.shape[0]], dtype=torch.int64, device=device), group)
-    sizes = [int(c) for c in counts]
+    sizes = torch.cat(counts).tolist()  # one host read for every rank's count
     if len(set(sizes)) > 1:
         per_rank = ", ".join(f"rank {rank_of(i)}: {n}" for i, n in enumerate(sizes))
         raise RuntimeError(f"replicas diverged{where}: different numbers of layers ({per_rank})")
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group)
-    table = [g.cpu() for g in gathered]
+    table = list(torch.stack(gathered).cpu())  # one host read (exact int64, not host_values)
     groups = _groups((rank_of(i), tuple(t.flatten().tolist())) for i, t in enumerate(table))
     if len(groups) == 1:
         return

@@ -19,7 +19,7 @@ another file). Its ``--json`` rows are documented in ``roofline.roofline_rows``.
 Each row (``compile_report`` returns them as dicts) has:
 
 - ``kernel``: the kernel name, with the variant in brackets where one kernel is compiled
-  several ways (``rank1_gemm_kernel[dx,db,dbias]``, ``rank1_merge_kernel[stochastic]``).
+  several ways (``rank1_gemm_kernel[dx]``, ``rank1_merge_kernel[stochastic]``).
 - ``arch``: ``"sm_80"`` or ``"sm_90"``.
 - ``config``: the block-size constexprs plus ``num_warps`` and ``num_stages``.
 - ``registers``: registers per thread (ptxas).
@@ -29,6 +29,11 @@ Each row (``compile_report`` returns them as dicts) has:
 - ``tensor_core_instructions``: SASS tensor-core opcode family -> static count, e.g.
   ``{"HGMMA": 4}``; empty when the kernel uses none.
 - ``ptx_mma``: static count of ``mma.sync`` / ``wgmma.mma_async`` instructions in the PTX.
+- ``smem_buffers``: for a kernel with asynchronous wgmma (sm_90), each wgmma operand -> its
+  shared-memory buffers, read from the TTGIR (``wgmma_pipeline``), e.g. ``{"a": 3, "b": 3,
+  "v": 3}`` for a 3-stage pipeline; 0 for an operand in registers; empty without wgmma.
+- ``wgmma_pendings``: the largest ``pendings`` of a ``ttng.warp_group_dot_wait`` (wgmma ops
+  left in flight), None without wgmma.
 - ``dtype``: element type of the kernel's main tensor (``x``/``W``/``dy``).
 - ``error`` (only when something is wrong): why the config cannot run on that arch: a failed
   compile (numbers are then None), or more shared memory than the arch allows per block
@@ -115,27 +120,36 @@ class KernelJob:
     enable_fp_fusion: bool = CUDAOptions.enable_fp_fusion
 
 
-def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
-    """Forward and dx variants of ``rank1_gemm_kernel`` for every autotune config of ``arch``.
+# label: (unit stride of B, bias added, row dot computed in the K loop, rank-1 term added)
+GEMM_VARIANTS: dict[str, tuple[str, bool, bool, bool]] = {
+    "rank1_gemm_kernel": ("stride_bk", True, True, True),  # forward with bias
+    "rank1_gemm_kernel[nobias]": ("stride_bk", False, True, True),
+    "rank1_gemm_kernel[rowdot given]": ("stride_bk", True, False, True),  # adapter dropout
+    "rank1_gemm_kernel[dx]": ("stride_bm", False, True, True),  # dx = dy W + s v a^T
+    "rank1_gemm_kernel[dx,dropout]": ("stride_bm", False, True, False),  # dx = dy W, v = dy.b
+}
+
+
+def gemm_jobs(arch: int, dtype: str, variants: tuple[str, ...] | None = None) -> list[KernelJob]:
+    """Variants of ``rank1_gemm_kernel`` (``GEMM_VARIANTS``, all by default) for every autotune
+    config of ``arch``.
 
     Forward: ``A = x [N, K]``, ``B = W [M, K]``, ``out [N, M]``, all row-major, so the unit
     strides are ``stride_ak``, ``stride_bk``, ``stride_om``. dx passes ``B = W.t()``, so
-    ``stride_bm`` is the unit stride instead of ``stride_bk``, and (the training step without
-    dropout) folds in the column sums of ``dy`` for ``db`` and ``dbias``, with the configs the
-    autotuner keeps for it (``rank1_gemm.colsum_configs``). ``N`` (tokens) is arbitrary; ``M``,
-    ``K`` and the row strides are hidden sizes, multiples of 16 in practice.
+    ``stride_bm`` is the unit stride instead of ``stride_bk``. ``N`` (tokens) is arbitrary and
+    never specialised; ``M``, ``K`` and the row strides are hidden sizes, multiples of 16 in
+    practice.
     """
     el = f"*{dtype}"
     types = {
         "a_ptr": el,
         "b_ptr": el,
-        "vin_ptr": "*fp32",  # the adapter vectors a, b are fp32 parameters
-        "vout_ptr": "*fp32",
+        # the [K, 4] split of the adapter vector (rank1_gemm.split_vector); fp32 vin on sm_80
+        "vin_ptr": el if arch >= 90 else "*fp32",
+        "vin_unscale_ptr": "*fp32",
+        "vout_ptr": "*fp32",  # the adapter vectors a, b are fp32 parameters
         "bias_ptr": el,
         "rowdot_ptr": "*fp32",
-        "colw_ptr": "*fp32",
-        "wsum_ptr": "*fp32",
-        "csum_ptr": "*fp32",
         "out_ptr": el,
         "scale": "fp32",
         "N": "i32",
@@ -154,28 +168,23 @@ def _gemm_jobs(arch: int, dtype: str) -> list[KernelJob]:
         if name.endswith("_ptr")
         or name in ("M", "K", "N_BUCKET", "stride_an", "stride_bm", "stride_bk", "stride_on")
     )
-    # label: (unit stride of B, bias added, column sums of A emitted)
-    variants = {
-        "rank1_gemm_kernel": ("stride_bk", True, False),
-        # dx adds no bias: it emits dbias (and db), the column sums of dy.
-        "rank1_gemm_kernel[dx,db,dbias]": ("stride_bm", False, True),
-    }
     jobs = []
-    for label, (unit_b_stride, has_bias, col_sums) in variants.items():
-        configs = rank1_gemm.GEMM_CONFIGS[arch]
-        for cfg in rank1_gemm.colsum_configs(configs) if col_sums else configs:
+    for label in GEMM_VARIANTS if variants is None else variants:
+        unit_b_stride, has_bias, rowdot, rank1 = GEMM_VARIANTS[label]
+        for cfg in rank1_gemm.GEMM_CONFIGS[arch]:
             constexprs = {
                 "stride_ak": 1,
                 unit_b_stride: 1,
                 "stride_om": 1,
                 "HAS_BIAS": has_bias,
-                "COMPUTE_ROWDOT": True,
-                "ROWDOT_GIVEN": False,
-                "ADD_RANK1": True,
-                "COL_WSUM": col_sums,
-                "COL_SUM": col_sums,
+                "COMPUTE_ROWDOT": rowdot,
+                "ROWDOT_GIVEN": not rowdot,
+                "ADD_RANK1": rank1,
                 "UPCAST": False,
                 "DOT_PRECISION": dot_precision(GEMM_DTYPES[dtype]),
+                "VCOLS": rank1_gemm.VIN_COLS,
+                "VSTORED": rank1_gemm.VIN_STORED,
+                "ROWDOT_DOT": arch >= 90,
                 **cfg.kwargs,
             }
             jobs.append(
@@ -223,6 +232,26 @@ def _reduce_job(arch: int) -> KernelJob:
         ),
         block_sizes=block_sizes,
         num_warps=rank1_reduce.REDUCE_NUM_WARPS,
+    )
+
+
+def _split_job(arch: int) -> KernelJob:
+    """``split_vector_kernel``: the fp32 booster into the bf16 row-dot source of the sm_90 GEMM."""
+    constexprs = {
+        "BITS": 8,
+        "PARTS": rank1_gemm.VIN_PARTS,
+        "STORED": rank1_gemm.VIN_STORED,
+        "BLOCK": rank1_gemm.SPLIT_BLOCK,
+    }
+    return KernelJob(
+        label="split_vector_kernel",
+        arch=arch,
+        dtype="bf16",
+        fn_path="xgblora_fast.kernels.rank1_gemm:split_vector_kernel",
+        types={"v_ptr": "*fp32", "out_ptr": "*bf16", "unscale_ptr": "*fp32", "K": "i32"},
+        constexprs=constexprs,
+        divisible=frozenset({"v_ptr", "out_ptr", "unscale_ptr", "K"}),
+        block_sizes={"BLOCK": rank1_gemm.SPLIT_BLOCK},
     )
 
 
@@ -275,7 +304,9 @@ def report_jobs(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[Ker
     """Every compilation of the report, in report order (``dtype`` applies to the GEMM only)."""
     jobs = []
     for arch in archs:
-        jobs += _gemm_jobs(arch, dtype)
+        jobs += gemm_jobs(arch, dtype)
+        if arch >= 90:
+            jobs.append(_split_job(arch))
         jobs.append(_reduce_job(arch))
         jobs += _merge_jobs(arch)
     return jobs
@@ -322,6 +353,65 @@ def _tensor_core_counts(cubin: bytes) -> dict[str, int]:
     return dict(sorted(families.items()))
 
 
+_TTGIR_VALUE = r"%[\w.#]+"
+_LOCAL_ALLOC = re.compile(
+    rf"^\s*({_TTGIR_VALUE}) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<([0-9x]+)x\w+,",
+    re.MULTILINE,
+)
+# Views of a buffer: one slot of a multi-buffered allocation, a transposed or sliced view.
+_MEMDESC_VIEW = re.compile(
+    rf"^\s*({_TTGIR_VALUE})(?::\d+)? = ttg\.memdesc_\w+ ({_TTGIR_VALUE})", re.MULTILINE
+)
+_WGMMA = re.compile(
+    rf"^\s*{_TTGIR_VALUE}(?::\d+)? = ttng\.warp_group_dot ({_TTGIR_VALUE}), ({_TTGIR_VALUE}),",
+    re.MULTILINE,
+)
+_WGMMA_WAIT = re.compile(r"ttng\.warp_group_dot_wait [^{]*\{pendings = (\d+)")
+
+
+def wgmma_pipeline(ttgir: str) -> dict[str, Any]:
+    """The asynchronous-wgmma pipeline of a compiled kernel, read from its TTGIR.
+
+    Returns ``{"wgmma": number of ttng.warp_group_dot, "operands": {name: buffers},
+    "pendings": [the pendings of every ttng.warp_group_dot_wait]}``. Each wgmma operand is
+    traced through its views (``ttg.memdesc_index`` of one slot, transposes) to the
+    ``ttg.local_alloc`` it lives in; ``buffers`` is that allocation's leading dimension when it
+    is multi-buffered (``!ttg.memdesc<3x128x64xbf16, ...>``: 3), 1 for a single buffer, 0 for an
+    operand held in registers (no shared memory to race on). ``name`` is the allocation's SSA
+    name without its number (Triton names values after the Python variable: ``a``, ``b``,
+    ``v``), made unique with ``#2``, ... where two allocations share one.
+    """
+    allocs = {
+        m.group(1): [int(d) for d in m.group(2).split("x")] for m in _LOCAL_ALLOC.finditer(ttgir)
+    }
+    views = {m.group(1): m.group(2) for m in _MEMDESC_VIEW.finditer(ttgir)}
+    names: dict[str, str] = {}
+    operands: dict[str, int] = {}
+    dots = _WGMMA.findall(ttgir)
+    for operand in (value for dot in dots for value in dot):
+        while operand in views:
+            operand = views[operand]
+        if operand not in allocs:
+            key, buffers = f"registers:{operand}", 0
+        else:
+            shape = allocs[operand]
+            buffers = shape[0] if len(shape) == 3 else 1
+            key = names.get(operand)
+            if key is None:
+                base = re.sub(r"_\d+$", "", operand.lstrip("%"))
+                key = base
+                n = 2
+                while key in names.values():
+                    key, n = f"{base}#{n}", n + 1
+                names[operand] = key
+        operands[key] = buffers
+    return {
+        "wgmma": len(dots),
+        "operands": operands,
+        "pendings": [int(p) for p in _WGMMA_WAIT.findall(ttgir)],
+    }
+
+
 def compile_job(job: KernelJob) -> dict[str, Any]:
     """Compile one job and return its report row (see the module docstring for the fields)."""
     fn = _jit_function(job.fn_path)
@@ -361,6 +451,8 @@ def compile_job(job: KernelJob) -> dict[str, Any]:
             shared_bytes=None,
             tensor_core_instructions={},
             ptx_mma=None,
+            smem_buffers={},
+            wgmma_pendings=None,
             error=f"{type(e).__name__}: {str(e).strip()}",
         )
         return row
@@ -372,6 +464,11 @@ def compile_job(job: KernelJob) -> dict[str, Any]:
         shared_bytes=compiled.metadata.shared,
         tensor_core_instructions=_tensor_core_counts(compiled.asm["cubin"]),
         ptx_mma=len(_PTX_MMA.findall(compiled.asm["ptx"])),
+    )
+    pipeline = wgmma_pipeline(compiled.asm["ttgir"])
+    row.update(
+        smem_buffers=pipeline["operands"],
+        wgmma_pendings=max(pipeline["pendings"], default=None),
     )
     if compiled.metadata.shared > MAX_SHARED_BYTES[job.arch]:
         row["error"] = (
@@ -401,8 +498,12 @@ def compile_report(
     """
     if dtype not in GEMM_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(GEMM_DTYPES)}, got {dtype!r}")
+    return compile_jobs(report_jobs(tuple(archs), dtype), jobs)
+
+
+def compile_jobs(todo: list[KernelJob], jobs: int = 2) -> list[dict[str, Any]]:
+    """``compile_job`` of each of ``todo``, in order, over ``jobs`` worker processes."""
     _default_cache_dir()
-    todo = report_jobs(tuple(archs), dtype)
     if jobs == 1:
         return [compile_job(job) for job in todo]
     # spawn, not fork: the caller may hold CUDA state or threads (torch) that fork would copy.
@@ -413,7 +514,17 @@ def compile_report(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table; errors (often multi-line) are listed after it."""
-    header = ("kernel", "arch", "config", "regs", "spills", "stack", "shared", "tensor cores")
+    header = (
+        "kernel",
+        "arch",
+        "config",
+        "regs",
+        "spills",
+        "stack",
+        "shared",
+        "wgmma buffers",
+        "tensor cores",
+    )
     lines = [header]
     errors = []
     for row in rows:
@@ -433,6 +544,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(row["spills_bytes"]),
                 str(row["stack_bytes"]),
                 str(row["shared_bytes"]),
+                " ".join(f"{k}={v}" for k, v in row["smem_buffers"].items()) or "-",
                 cores,
             )
         )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xgblora_fast.ops.checks import check_backend, check_scale
+from xgblora_fast.ops.checks import MergeStats, check_backend, check_scale
 from xgblora_fast.ops.merge import merge_, merge_with_bound_
 from xgblora_fast.ops.rank1_linear import rank1_linear
 
@@ -211,12 +213,19 @@ class FastRank1Linear(nn.Module):
     @torch.no_grad()
     def draw_a(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh random ``a``: ``[in]``, in ``lora_a``'s dtype and device (the whole vector,
-        also when ``a`` is sharded); ``init`` picks the distribution."""
-        a = torch.empty(self.in_features, dtype=self.lora_a.dtype, device=self.lora_a.device)
+        also when ``a`` is sharded); ``init`` picks the distribution.
+
+        A ``generator`` on another device than ``a`` (the ``Booster``'s CPU generator for a model
+        on a GPU) draws where it lives and the vector is copied over: the same ``a`` on every
+        device and every rank."""
+        device = self.lora_a.device if generator is None else generator.device
+        a = torch.empty(self.in_features, dtype=self.lora_a.dtype, device=device)
         width = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         if self.init == "kaiming":
-            return a.uniform_(-width, width, generator=generator)
-        return a.normal_(0.0, width, generator=generator)
+            a.uniform_(-width, width, generator=generator)
+        else:
+            a.normal_(0.0, width, generator=generator)
+        return a.to(self.lora_a.device)
 
     @torch.no_grad()
     def merge_direction(
@@ -237,6 +246,64 @@ class FastRank1Linear(nn.Module):
         next_a = next_a.to(a.dtype)
         return step_size * (1.0 - keep_b) * a + keep_b * (a - next_a), 1.0
 
+    def _check_merge_options(
+        self, rounding: str, keep_a: bool, keep_b: float, next_a: torch.Tensor | None
+    ) -> None:
+        if not 0.0 <= keep_b < 1.0 or (keep_b and not keep_a):
+            raise ValueError(f"keep_b must be in [0, 1) and needs keep_a=True, got {keep_b}")
+        if next_a is not None and not keep_a:
+            raise ValueError("next_a needs keep_a=True (it replaces the kept a)")
+        if next_a is not None and is_dtensor(self.weight):
+            raise NotImplementedError("next_a on an FSDP2-sharded weight (booster_init='redraw')")
+        if rounding == "kahan" and is_dtensor(self.weight):  # refused before any all-gather
+            raise NotImplementedError(
+                "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
+                "sharded with it; use 'stochastic' or 'nearest'"
+            )
+
+    def _merge_operands(
+        self, step_size: float, keep_b: float, next_a: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+        """``(W rows held here, a, b rows, scale, first row)`` of the merge ``merge_`` runs."""
+        a, step = self.merge_direction(step_size, keep_b, next_a)
+        scale = step * self.alpha
+        if is_dtensor(self.weight):
+            weight, start = local_rows(self.weight)
+            b = self.lora_b.full_tensor() if is_dtensor(self.lora_b) else self.lora_b
+            b = b[start : start + weight.shape[0]]
+        else:
+            weight, start, b = self.weight, 0, self.lora_b
+        return weight, a, b, scale, start
+
+    @torch.no_grad()
+    def merge_stats_request(
+        self,
+        rounding: str = "nearest",
+        step_size: float = 1.0,
+        keep_b: float = 0.0,
+        next_a: torch.Tensor | None = None,
+        keep_a: bool = False,
+    ) -> tuple[list[torch.Tensor], Callable[[list[float]], MergeStats]]:
+        """``(tensors, finish)`` for a ``merge_`` with these arguments: the device tensors its
+        safety check reads (no host read here) and ``finish(values)``, which turns their values
+        (``checks.host_values(*tensors)``, batched with other layers' as the caller likes) into
+        the ``stats`` to pass to ``merge_``. ``max |W|`` is measured only where the bound left by
+        the last merge is not known."""
+        self._check_merge_options(rounding, keep_a, keep_b, next_a)
+        weight, a, b, _, _ = self._merge_operands(step_size, keep_b, next_a)
+        compensation = self.compensation if rounding == "kahan" else None
+        read_weight = self._known_weight_bound() is None
+        tensors = MergeStats.tensors(weight, a, b, compensation, read_weight)
+        version = (weight._version, weight.data_ptr())
+
+        def finish(values: list[float]) -> MergeStats:
+            stats = MergeStats.from_values(values, weight, compensation, read_weight)
+            # A first Kahan merge allocates its buffer as zeros.
+            c_max = 0.0 if rounding == "kahan" and compensation is None else stats.c_max
+            return dataclasses.replace(stats, c_max=c_max, weight_version=version)
+
+        return tensors, finish
+
     @torch.no_grad()
     def merge_(
         self,
@@ -247,6 +314,7 @@ class FastRank1Linear(nn.Module):
         keep_a: bool = False,
         keep_b: float = 0.0,
         next_a: torch.Tensor | None = None,
+        stats: MergeStats | None = None,
     ) -> None:
         """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
 
@@ -266,26 +334,16 @@ class FastRank1Linear(nn.Module):
         rows with the gathered ``a`` and ``b`` (two vector all-gathers) and its global row
         offset, so the gathered ``W`` is bit for bit the single-process merge. Kahan is refused
         there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
+
+        The safety check reads a few values from the device (one transfer); ``stats``, from
+        ``merge_stats_request`` with the same arguments (nothing written since but other layers'
+        weights), spares it that transfer, so that a round's merges can share one.
         """
-        if not 0.0 <= keep_b < 1.0 or (keep_b and not keep_a):
-            raise ValueError(f"keep_b must be in [0, 1) and needs keep_a=True, got {keep_b}")
-        if next_a is not None and not keep_a:
-            raise ValueError("next_a needs keep_a=True (it replaces the kept a)")
-        if next_a is not None and is_dtensor(self.weight):
-            raise NotImplementedError("next_a on an FSDP2-sharded weight (booster_init='redraw')")
-        if rounding == "kahan" and is_dtensor(self.weight):  # refused before any all-gather
-            raise NotImplementedError(
-                "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
-                "sharded with it; use 'stochastic' or 'nearest'"
-            )
-        a, step = self.merge_direction(step_size, keep_b, next_a)
-        scale = step * self.alpha
-        if is_dtensor(self.weight):
-            weight, start = local_rows(self.weight)
-            b = self.lora_b.full_tensor() if is_dtensor(self.lora_b) else self.lora_b
-            b = b[start : start + weight.shape[0]]
-        else:
-            weight, start, b = self.weight, 0, self.lora_b
+        self._check_merge_options(rounding, keep_a, keep_b, next_a)
+        weight, a, b, scale, start = self._merge_operands(step_size, keep_b, next_a)
+        version = (weight._version, weight.data_ptr())
+        if stats is not None and stats.w_max is not None and stats.weight_version != version:
+            stats = dataclasses.replace(stats, w_max=None)  # W written since: measure again
         if rounding == "kahan" and self.compensation is None:
             self.compensation = torch.zeros_like(self.weight)
         compensation = self.compensation if rounding == "kahan" else None
@@ -300,6 +358,7 @@ class FastRank1Linear(nn.Module):
             compensation,
             start,
             self._known_weight_bound(),
+            stats,
         )
         # Every write to W outside merges (optimizer, load_state_dict, copy_) bumps its version
         # counter and so drops the bound; writes through ``weight.data`` do not: call

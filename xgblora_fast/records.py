@@ -4,6 +4,10 @@ as a LoRA adapter (``xf.export_lora``) or taken back out of the weights (``xf.un
 After ``T`` merges a layer holds ``W_T = W_0 + sum_t alpha_t s b_t a_t^T`` (up to the weight
 dtype's rounding): a LoRA of rank ``T``. The record keeps ``a_t``, ``b_t`` (exact fp32 copies of
 the booster when it was merged), ``alpha_t`` and the round index, on the CPU.
+
+Vectors on a CUDA device are copied without waiting (``non_blocking`` into pinned buffers): a
+merge costs no host synchronisation for its record. Every read of the recorded vectors (``a``,
+``b``, ``factors``, ``state_dict``, ...) first waits for the copies still in flight.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class MergeRecord:
     steps: list[float] = dataclasses.field(default_factory=list)
     _a: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # [capacity, in]
     _b: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # [capacity, out]
+    # The CUDA event after the last copy still in flight into _a/_b (None: none).
+    _pending: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self._a is None:
@@ -56,14 +62,27 @@ class MergeRecord:
         fan_in_fan_out = conv1d is not None and isinstance(source, conv1d)
         return cls(layer.alpha, layer.in_features, layer.out_features, fan_in_fan_out)
 
+    def _wait(self) -> None:
+        """Wait for the copies into the buffers still in flight (no-op when none are)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.query():
+            pending.synchronize()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles hold the landed vectors, not the event (``copy.deepcopy``)."""
+        self._wait()
+        return dict(vars(self))
+
     @property
     def a(self) -> torch.Tensor:
         """``[T, in]`` fp32: the recorded ``a_t`` (a view: clone it to keep it)."""
+        self._wait()
         return self._a[: len(self.rounds)]
 
     @property
     def b(self) -> torch.Tensor:
         """``[T, out]`` fp32: the recorded ``b_t`` (a view: clone it to keep it)."""
+        self._wait()
         return self._b[: len(self.rounds)]
 
     def add(self, round_index: int, step: float, layer: FastRank1Linear, rounding: str) -> None:
@@ -76,24 +95,33 @@ class MergeRecord:
     ) -> None:
         """Record the booster ``a [in]``, ``b [out]`` (any float dtype, kept as fp32 copies)."""
         count = len(self.rounds)
-        if count == self._a.shape[0]:
-            capacity = max(16, 2 * count)
-            self._a, self._b = self._grown(self._a, capacity), self._grown(self._b, capacity)
+        vectors = [v.detach() for v in (a, b)]
         # FSDP2 shards the boosters by rows: the record keeps whole vectors (every rank does).
-        for buffer, vector in ((self._a, a), (self._b, b)):
-            vector = vector.detach()
-            buffer[count].copy_(vector.full_tensor() if is_dtensor(vector) else vector)
+        vectors = [v.full_tensor() if is_dtensor(v) else v for v in vectors]
+        cuda = any(v.is_cuda for v in vectors)
+        if count == self._a.shape[0] or (cuda and not self._a.is_pinned()):
+            capacity = max(16, 2 * count) if count == self._a.shape[0] else self._a.shape[0]
+            self._a, self._b = (self._grown(buf, capacity, cuda) for buf in (self._a, self._b))
+        for buffer, vector in zip((self._a, self._b), vectors, strict=True):
+            # Into pinned memory without waiting; the event below tells readers when it landed.
+            buffer[count].copy_(vector, non_blocking=vector.is_cuda)
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(next(v for v in vectors if v.is_cuda).device))
+            self._pending = event
         self.rounds.append(round_index)
         self.steps.append(float(step))
         self.rounding = rounding
 
-    def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = torch.empty(capacity, buffer.shape[1], dtype=torch.float32)
+    def _grown(self, buffer: torch.Tensor, capacity: int, pin: bool = False) -> torch.Tensor:
+        self._wait()
+        grown = torch.empty(capacity, buffer.shape[1], dtype=torch.float32, pin_memory=pin)
         grown[: len(self.rounds)] = buffer[: len(self.rounds)]
         return grown
 
     def remove(self, index: int) -> None:
         """Forget the ``index``-th recorded merge."""
+        self._wait()
         count = len(self.rounds)
         for buffer in (self._a, self._b):
             buffer[index : count - 1] = buffer[index + 1 : count].clone()
@@ -172,8 +200,9 @@ class MergeRecord:
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Replace the record in place (``None``: empty), so every holder sees the change."""
+        self._wait()
         if state:
             loaded = MergeRecord.from_state(state)
         else:
-            loaded = dataclasses.replace(self, rounds=[], steps=[], _a=None, _b=None)
+            loaded = dataclasses.replace(self, rounds=[], steps=[], _a=None, _b=None, _pending=None)
         vars(self).update(vars(loaded))

@@ -5,7 +5,7 @@ every kernel a training step launches, and predicts each kernel's time at a mach
 ``python -m xgblora_fast.inspect --roofline`` prints these rows next to the ahead-of-time
 compile data; ``bench/microbench.py`` uses ``operation_cost`` for its TFLOP/s and GB/s columns.
 
-Shapes as in ``shared/design.md`` section 2: ``x [N, K]``, ``W [M, K]`` frozen, ``bias [M]``,
+Shapes: ``x [N, K]``, ``W [M, K]`` frozen, ``bias [M]``,
 adapters ``a [K]``, ``b [M]`` (fp32, as peft and ``FastRank1Linear`` keep them), ``y [N, M]``;
 ``elt`` is the byte size of x/W/y/dy/dx (2 for bf16/fp16, 4 for fp32).
 
@@ -419,3 +419,80 @@ def format_roofline(
     for goal, value, held, source in goals(rows):
         lines.append(f"  {goal}: {value:.3f} -> {'held' if held else 'NOT held'} ({source})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the Triton backend's two paths
+CUBLAS_PATH_LABEL = "xgblora-fast (cuBLAS + rank-1 kernels)"
+# kernels/rank1_reduce.py's launch shape, for the fp32 partial rows weighted_colsum writes.
+REDUCE_BLOCK_N, REDUCE_BLOCK_C, REDUCE_TARGET_PROGRAMS = 32, 128, 1024
+
+
+def _colsum_splits(n: int, c: int) -> int:
+    """Row splits of ``weighted_colsum_triton`` (one fp32 partial row of ``c`` each)."""
+    row_blocks = max(-(-n // REDUCE_BLOCK_N), 1)
+    split = max(1, min(row_blocks, REDUCE_TARGET_PROGRAMS // -(-c // REDUCE_BLOCK_C)))
+    rows_per_split = -(-row_blocks // split) * REDUCE_BLOCK_N
+    return max(1, -(-n // rows_per_split))
+
+
+def cublas_path_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
+    """The kernels of the "cublas" path (``ops/rank1_linear.py``'s ``_forward_cublas`` and
+    ``_backward_cublas``), counted as in ``kernel_costs``: cuBLAS GEMMs exactly as the frozen
+    ``nn.Linear`` runs them, plus one pass each over x (row dot), y (epilogue: one read, one
+    write), dy (row dot v), dx (epilogue), x (da) and dy (db, dbias) for the rank-1 parts."""
+    f4 = 4
+    nk, nm, mk = n * k, n * m, m * k
+    gemm = 2 * n * k * m
+    split_k, split_m = _colsum_splits(n, k), _colsum_splits(n, m)
+
+    def kc(op: str, name: str, flops: int, nbytes: int) -> KernelCost:
+        return KernelCost("cublas", op, name, flops, nbytes)
+
+    return [
+        kc("forward", "rowdot_kernel u = x.a", 2 * nk, elt * nk + f4 * (k + n)),
+        kc("forward", "cuBLAS y = x W^T + bias", gemm + nm, elt * (nk + mk + nm + m)),
+        kc("forward", "rank1_epilogue_kernel y += s u b^T", 3 * nm, 2 * elt * nm + f4 * (n + m)),
+        kc("backward", "rowdot_kernel v = dy.b", 2 * nm, elt * nm + f4 * (m + n)),
+        kc("backward", "cuBLAS dx = dy W", gemm, elt * (nm + mk + nk)),
+        kc("backward", "rank1_epilogue_kernel dx += s v a^T", 3 * nk, 2 * elt * nk + f4 * (n + k)),
+        kc(
+            "backward",
+            "weighted_colsum_kernel[da] (+ partial sums)",
+            2 * nk + split_k * k,
+            elt * nk + f4 * (n + 2 * split_k * k + k),
+        ),
+        kc(
+            "backward",
+            "weighted_colsum_kernel[db,dbias] (+ partial sums)",
+            3 * nm + 2 * split_m * m,
+            elt * nm + f4 * (n + 4 * split_m * m + 2 * m),
+        ),
+    ]
+
+
+def path_comparison(
+    n: int, k: int, m: int, dtype: str = "bf16", ceilings: Ceilings = H100
+) -> list[dict[str, Any]]:
+    """Predicted times of the Triton backend's two paths next to the frozen ``nn.Linear``.
+
+    One dict per operation (forward, backward, forward+backward): ``linear_us``, ``fused_us``,
+    ``cublas_us`` (predictions, ``KernelCost.predicted_s`` summed over each path's kernels),
+    the bytes of each, and ``cublas_over_fused`` / ``cublas_over_linear``. The cuBLAS path pays
+    the extra passes over x, y, dy and dx that the fused kernel folds into its GEMM; it never
+    pays a slower GEMM.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    elt = DTYPE_BYTES[dtype]
+    kernels = kernel_costs(n, k, m, elt) + cublas_path_costs(n, k, m, elt)
+    out = []
+    for op in ("forward", "backward", "forward+backward"):
+        row: dict[str, Any] = {"operation": op, "N": n, "K": k, "M": m, "dtype": dtype}
+        for path in ("linear", "fused", "cublas"):
+            mine = [c for c in kernels if c.path == path and c.operation in _members(op)]
+            row[f"{path}_us"] = sum(c.predicted_s(ceilings, dtype) for c in mine) * 1e6
+            row[f"{path}_bytes"] = sum(c.bytes for c in mine)
+        row["cublas_over_fused"] = row["cublas_us"] / row["fused_us"]
+        row["cublas_over_linear"] = row["cublas_us"] / row["linear_us"]
+        out.append(row)
+    return out

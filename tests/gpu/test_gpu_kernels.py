@@ -16,6 +16,9 @@ Run by ``bench/gpu_check.py``; skipped without a CUDA device or with interpreted
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 import triton.language as tl
@@ -312,3 +315,117 @@ def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
     assert torch.equal(bits.cpu(), expected_bits)
     expected = reference.round_stochastic(value, expected_bits, dtype)
     assert torch.equal(bits_of(out.cpu()), bits_of(expected))
+
+
+# ---- the Triton backend's cuBLAS path and backend="auto"'s choice ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_cublas_path_matches_float64_reference(dtype, shape, with_bias, record_error, monkeypatch):
+    """cuBLAS GEMMs + the rank-1 kernels of kernels/rank1_parts.py (XGBLORA_FAST_PATH=cublas)."""
+    monkeypatch.setenv("XGBLORA_FAST_PATH", "cublas")
+    lead, K, M = shape
+    x, weight, bias, a, b, dy = make_inputs(lead, K, M, dtype, with_bias, seed=K * M + 3)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 0.75, dy, "triton")
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.75, dy)
+    assert y.shape == (*lead, M) and y.dtype == dtype and y.is_cuda
+    check_against_reference(y, grads, y_ref, grads_ref, TOL[dtype], record_error, "cublas", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cublas_path_strided_and_dropout(dtype, monkeypatch):
+    monkeypatch.setenv("XGBLORA_FAST_PATH", "cublas")
+    g = torch.Generator().manual_seed(8)
+    K, M = 70, 43
+    x = torch.randn(3, 13, 2 * K, generator=g).to(dtype)[..., ::2]
+    weight = (torch.randn(K, M, generator=g) / K**0.5).to(dtype).t()
+    a = torch.randn(2 * K, generator=g)[::2]
+    b = torch.randn(M, 3, generator=g)[:, 1]
+    bias = torch.randn(M, 2, generator=g).to(dtype)[:, 0]
+    dy = torch.randn(3, 13, M, generator=g).to(dtype)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 1.3, dy, "triton")
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 1.3, dy)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < TOL[dtype], name
+    # Dropout: the same draw through both paths gives the same result within tolerance.
+    torch.manual_seed(5)
+    y_c, g_c = run_on_gpu(x, weight, bias, a, b, 1.3, dy, "triton", dropout=0.3)
+    monkeypatch.setenv("XGBLORA_FAST_PATH", "fused")
+    torch.manual_seed(5)
+    y_f, g_f = run_on_gpu(x, weight, bias, a, b, 1.3, dy, "triton", dropout=0.3)
+    assert rel_err(y_c, y_f.cpu().double()) < TOL[dtype]
+    for name in g_f:
+        assert rel_err(g_c[name], g_f[name].cpu().double()) < TOL[dtype], name
+
+
+def test_auto_times_both_paths_once_and_caches_the_choice(tmp_path, monkeypatch):
+    from xgblora_fast.ops import dispatch
+
+    monkeypatch.delenv("XGBLORA_FAST_PATH", raising=False)
+    monkeypatch.setenv("XGBLORA_FAST_CACHE", str(tmp_path))
+    selector = dispatch.PathSelector()
+    monkeypatch.setattr(dispatch, "SELECTOR", selector)
+    x, weight, bias, a, b, dy = make_inputs((333,), 512, 384, torch.bfloat16, True, seed=9)
+    y, grads = run_on_gpu(x, weight, bias, a, b, 0.5, dy, "auto")
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.5, dy)
+    assert rel_err(y, y_ref) < TOL[torch.bfloat16]
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < TOL[torch.bfloat16], name
+    cache = tmp_path / dispatch.CACHE_FILE
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["device"]["gpu"] == torch.cuda.get_device_name()
+    choices = entry["choices"]
+    assert {key.split("|")[0] for key in choices} == {"forward", "backward"}
+    for record in choices.values():
+        assert record["agree"] and record["path"] in dispatch.PATHS
+        assert record["fused_s"] > 0 and record["cublas_s"] > 0
+    # Decode-sized N: the cuBLAS path, nothing timed or cached.
+    run_on_gpu(x[:4], weight, bias, a, b, 0.5, dy[:4], "auto")
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["choices"] == choices
+
+
+def test_weighted_colsum_column_major_past_2_31_elements():
+    """A column-major [N, C] view with N * C > 2^31: column offsets c * N pass int32."""
+    from xgblora_fast.kernels.rank1_parts import colsum_triton
+    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
+
+    n, c = 65536, 32769  # N * C = 2^31 + 2^16 bf16 elements: 4.3 GB
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    storage = torch.empty((c, n), device=CUDA, dtype=torch.bfloat16)
+    storage[:-1].fill_(0.5)
+    storage[-1].fill_(1.0)  # the last column, at offsets past 2^31
+    x = storage.t()
+    w = torch.full((n,), 2.0, device=CUDA)
+    wsum, csum = weighted_colsum_triton(x, w, with_colsum=True)
+    assert wsum[-1].item() == 2.0 * n and csum[-1].item() == n
+    assert wsum[0].item() == n and csum[-2].item() == 0.5 * n
+    assert colsum_triton(x)[-1].item() == n
+    del storage, x
+    torch.cuda.empty_cache()
+
+
+def test_booster_on_a_cuda_model_draws_what_a_cpu_model_draws():
+    """The Booster's generator lives on the CPU: boosters of a model on the GPU get the same
+    random ``a`` as the same model on the CPU, at build time and at each restart."""
+    torch.manual_seed(0)
+    cpu_model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Linear(40, 24))
+    gpu_model = copy.deepcopy(cpu_model).to(CUDA)
+    config = xf.XGBLoRAConfig(kappa=1, booster_init="random", seed=3)
+    boosters = [xf.Booster(m, config) for m in (cpu_model, gpu_model)]
+    for booster in boosters:
+        optimizer = torch.optim.SGD(booster.param_groups(), lr=0.1)
+        booster.attach(optimizer)
+        device = next(booster.model.parameters()).device
+        booster.model(torch.ones(3, 48, device=device)).square().sum().backward()
+        optimizer.step()
+        booster.step()  # round end: merge, then a fresh a from the generator
+    cpu_booster, gpu_booster = boosters
+    for name, layer in gpu_booster.layers.items():
+        assert layer.lora_a.is_cuda
+        torch.testing.assert_close(layer.lora_a.cpu(), cpu_booster.layers[name].lora_a)

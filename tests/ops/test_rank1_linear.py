@@ -183,10 +183,11 @@ class _CountingLaunches:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dy_layout", ["contiguous", "strided", "broadcast"])
-def test_triton_backward_folds_db_and_dbias_into_the_dx_gemm(dtype, dy_layout, monkeypatch):
-    """dx needed, no dropout: db and dbias come from the dx GEMM's pass over dy, so
-    ``weighted_colsum_kernel`` runs for da only; they match the unfused path (dx not needed)
-    and the float64 sums. N=50 and 70 columns span several ragged row blocks and K chunks."""
+def test_triton_backward_db_and_dbias_do_not_depend_on_the_dx_gemm(dtype, dy_layout, monkeypatch):
+    """db and dbias come from one ``weighted_colsum_kernel`` pass over dy of their own (the dx
+    GEMM's tiles feed only tl.dot, kernels/rank1_gemm.py), so they are bit for bit the same
+    whether dx is computed, with or without dropout, and match the float64 sums. N=50 and 70
+    columns span several ragged row blocks and K chunks."""
     from xgblora_fast.kernels import rank1_reduce
     from xgblora_fast.ops.rank1_linear import _backward_triton
 
@@ -200,25 +201,60 @@ def test_triton_backward_folds_db_and_dbias_into_the_dx_gemm(dtype, dy_layout, m
     monkeypatch.setattr(rank1_reduce, "weighted_colsum_kernel", counter)
 
     dx, da, db, dbias, _ = _backward_triton(dy, x, weight, a, b, u, 0.75, None, True, True, True)
-    assert counter.launches == 1  # da = s x^T v; dy is not read again
+    assert counter.launches == 2  # da = s x^T v, then db and dbias in one pass over dy
     assert dx is not None and da is not None
-    _, _, db_unfused, dbias_unfused, _ = _backward_triton(
+    _, _, db_no_dx, dbias_no_dx, _ = _backward_triton(
         dy, x, weight, a, b, u, 0.75, None, False, True, True
     )
-    assert counter.launches == 3  # da, then db and dbias in one more pass over dy
+    assert counter.launches == 4
     dy64 = dy.double()
     assert rel_err(db, 0.75 * dy64.t() @ u.double()) < 1e-6
     assert rel_err(dbias, dy64.sum(0)) < 1e-6
-    assert rel_err(db, db_unfused.double()) < 1e-6
-    assert rel_err(dbias, dbias_unfused.double()) < 1e-6
+    assert torch.equal(db, db_no_dx) and torch.equal(dbias, dbias_no_dx)
 
-    # dbias alone (frozen adapters, trainable bias) comes from the dx GEMM as well.
-    _, da, db, dbias_only, _ = _backward_triton(
+    # dbias alone (frozen adapters, trainable bias): torch's fp32 sum, no kernel.
+    _, da, db_none, dbias_only, _ = _backward_triton(
         dy, x, weight, a, b, u, 0.75, None, True, False, True
     )
-    assert counter.launches == 3 and da is None and db is None
+    assert counter.launches == 4 and da is None and db_none is None
     assert rel_err(dbias_only, dy64.sum(0)) < 1e-6
 
-    # With adapter dropout the dx GEMM does not fold them: weighted_colsum reads dy for db.
-    _backward_triton(dy, x, weight, a, b, u, 0.75, x.clone(), True, True, True)
-    assert counter.launches == 5
+    # With adapter dropout: the same two passes, the same db and dbias.
+    _, _, db_drop, dbias_drop, _ = _backward_triton(
+        dy, x, weight, a, b, u, 0.75, x.clone(), True, True, True
+    )
+    assert counter.launches == 6
+    assert torch.equal(db, db_drop) and torch.equal(dbias, dbias_drop)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("magnitude", [0.0, 1e-6, 1.0, 300.0])
+def test_split_vector_parts_sum_to_the_fp32_vector(dtype, magnitude):
+    """The row-dot source of the sm_90 GEMM: 3 parts in the input dtype and their fp32 scales
+    give back the fp32 vector (to fp32's 24 bits), fp16's range included."""
+    from xgblora_fast.kernels.rank1_gemm import split_vector
+
+    v = torch.randn(1500, generator=torch.Generator().manual_seed(4)) * magnitude
+    parts, unscale = split_vector(v, dtype, exact_fp32=False)
+    assert parts.shape == (1500, 4) and parts.dtype == dtype and unscale.dtype == torch.float32
+    assert torch.all(parts[:, 3] == 0) and unscale[3] == 0
+    back = (parts.double() * unscale.double()).sum(1)
+    assert (back - v.double()).abs().max() <= 2.0**-24 * v.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_fma_row_dot_of_sm80_matches_the_dot_row_dot(dtype, monkeypatch):
+    """sm_80 keeps the row dot as FMAs on the A tile (rank1_gemm.rowdot_as_dot): the same
+    outputs and gradients as the tl.dot row dot the interpreter runs by default."""
+    from xgblora_fast.kernels import rank1_gemm
+
+    x, weight, bias, a, b, dy = make_inputs((37,), 70, 50, dtype, True, seed=9)
+    y_dot, grads_dot = run_op(x, weight, bias, a, b, 0.75, dy, "triton")
+    monkeypatch.setattr(rank1_gemm, "rowdot_as_dot", lambda capability: False)
+    y_fma, grads_fma = run_op(x, weight, bias, a, b, 0.75, dy, "triton")
+    y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.75, dy)
+    assert rel_err(y_fma, y_ref) < TOL[dtype]
+    assert rel_err(y_fma, y_dot.double()) < TOL[dtype]
+    for name, ref in grads_ref.items():
+        assert rel_err(grads_fma[name], ref) < TOL[dtype], name
+        assert rel_err(grads_fma[name], grads_dot[name].double()) < TOL[dtype], name

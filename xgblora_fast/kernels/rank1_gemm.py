@@ -1,26 +1,45 @@
 """One GEMM with a rank-1 epilogue, used by the forward pass and by the ``dx`` backward pass.
 
     out[n, m] = sum_k A[n, k] B[m, k]  +  s * r[n] * vout[m]  (+ bias[m])
-    r[n]      = sum_k A[n, k] vin[k]      (accumulated in the K loop from the A tiles)
-    wsum[k]   = sum_n A[n, k] colw[n]     (optional, per row block: partial rows, see below)
-    csum[k]   = sum_n A[n, k]             (optional, likewise)
+    r[n]      = sum_k A[n, k] vin[k]      (in the K loop: a second, small ``tl.dot`` on sm_90)
 
 Forward:  A = x [N, K],  B = W [M, K],          vin = a, vout = b, r = u = x.a,  bias.
-dx:       A = dy [N, M], B = W^T (swapped strides), vin = b, vout = a, r = v = dy.b,
-          colw = u: wsum = dy^T u (db before the scale), csum = dy^T 1 (dbias).
+dx:       A = dy [N, M], B = W^T (swapped strides), vin = b, vout = a, r = v = dy.b.
 
-``B`` is addressed through strides only, so ``W`` is never transposed or copied. The row dot
-and the column sums cost no extra memory traffic: they reuse the A tile already loaded for
-``tl.dot``. Programs of the first column block store ``r`` (fp32) for the backward pass, and
-(the only programs that see every column of A for their rows) one fp32 partial row of
-``wsum``/``csum`` per row block; the launcher sums the partial rows, so the result stays
-deterministic (no atomics). Rank-1 terms are broadcast FMAs, never ``tl.dot`` (which needs
-every dimension >= 16 on real GPUs).
+``B`` is addressed through strides only, so ``W`` is never transposed or copied. Programs of the
+first column block store ``r`` (fp32) for the backward pass.
+
+On sm_90 every tile loaded in the K loop feeds only ``tl.dot``. There ``tl.dot`` is an asynchronous
+wgmma that reads its operands from shared memory while the next tiles are being loaded, and
+Triton's software pipeliner gives an operand the extra shared-memory buffer this needs only when
+every user of the loaded tile is a dot: a tile that also fed ``tl.sum(a * vin)`` (the row dot)
+or column sums got ``num_stages - 1`` buffers, so the load ``num_stages - 1`` iterations ahead
+overwrote the buffer the wgmma still in flight was reading (Triton issue 6691; A100's
+synchronous ``mma.sync`` is unaffected). Hence:
+
+- The row dot is ``tl.dot(a, V)`` with ``V`` a ``[BLOCK_K, 16]`` tile of ``vin_split``, a
+  ``[K, 4]`` matrix in the input dtype built by ``split_vector`` (columns 4-15 of the tile are
+  masked to zero): ``vin`` scaled by a power of two and split into 3 parts (``hi =
+  v.to(dtype)``, ``mid``, ``lo`` from the exact fp32 remainders, each scaled up by ``2^bits`` so
+  fp16 does not underflow), the fourth column zero. After the loop the fp32 accumulator's
+  columns are scaled back by ``vin_unscale`` (fp32 ``[4]``, powers of two) and summed: ``r``
+  is the fp32 dot of the tile with ``vin`` to ~24 bits, as accurate as the former broadcast-FMA
+  row dot. fp32 inputs with IEEE ``tl.dot`` need no split (one column); with TF32 the ``A``
+  tile is rounded to TF32 in the row dot too.
+  On sm_80 (``rowdot_as_dot``) the row dot stays broadcast FMAs on the A tile: ``mma.sync`` is
+  synchronous (no race), and there the extra accumulator made the largest configs spill.
+- The column sums of ``dy`` for ``db`` and ``dbias`` are not in this kernel: the backward runs
+  ``weighted_colsum_triton`` (``rank1_reduce.py``) over ``dy``. Their summation order then does
+  not depend on the GEMM's autotuned config, and there are no partial-row buffers to size.
+
+``tests/test_wgmma_buffers.py`` checks the invariant from the sm_90 TTGIR of every config.
+``tl.dot`` needs every dimension >= 16 on real GPUs (the 16 columns of ``V``).
 
 Tile configs are autotuned per architecture (``GEMM_CONFIGS``) with a grouped, L2-friendly
-program order as in Triton's matmul tutorial; under the interpreter there is a single small
-config and bf16 tiles are upcast right after loading (bf16 arithmetic is broken there,
-triton issue 11584).
+program order as in Triton's matmul tutorial. The autotune key holds no exact batch size (``N``
+is not specialised, ``N_BUCKET`` is its next power of two), results are cached on disk across
+processes (``cache_results=True``). Under the interpreter there is a single small config and the
+bf16 tiles are upcast right after loading (bf16 arithmetic is broken there, triton issue 11584).
 """
 
 from __future__ import annotations
@@ -70,45 +89,105 @@ def gemm_configs() -> list[triton.Config]:
     return GEMM_CONFIGS[90] if cap is not None and cap >= 90 else GEMM_CONFIGS[80]
 
 
-# (BLOCK_N, BLOCK_M, BLOCK_K, num_warps) of the configs that spill registers once the column
-# sums are on (python -m xgblora_fast.inspect, bf16): 128x128 tiles on 4 warps already keep 128
-# fp32 accumulator registers per thread, and the column reductions push them past 255 (sm_90:
-# 84 B of spills, sm_80: 36 B). The 8-warp 128x128 (sm_90) and 128x256 tiles stay.
-COLSUM_SPILLING = {(128, 128, 64, 4), (128, 128, 32, 4)}
+def rowdot_as_dot(capability: int | None) -> bool:
+    """Whether the row dot is a ``tl.dot`` (sm_90's asynchronous wgmma needs it, and the
+    interpreter runs that path) or broadcast FMAs on the A tile (sm_80: synchronous
+    ``mma.sync`` has no race, and the FMA row dot spills fewer registers there)."""
+    return INTERPRET or (capability is not None and capability >= 90)
 
 
-def colsum_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The candidates of a launch with ``COL_WSUM``/``COL_SUM`` on: those that do not spill."""
-    return [
-        cfg
-        for cfg in configs
-        if (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.num_warps)
-        not in COLSUM_SPILLING
-    ]
+# Columns of the row-dot tile V (tl.dot needs >= 16); the columns stored in memory (the parts of
+# vin and a zero: 8-byte rows in bf16/fp16, which cp.async can copy), the others are masked off.
+VIN_COLS = 16
+VIN_STORED = 4
+VIN_PARTS = 3
+# Significand bits (with the implicit one) of each dot input dtype: the scale between parts.
+_SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 11}  # fp32: as TF32
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return colsum_configs(configs) if kwargs["COL_WSUM"] or kwargs["COL_SUM"] else configs
+SPLIT_BLOCK = 1024
 
 
-# stride_bk in the key: the forward (W row-major, stride 1) and dx (W^T, stride M) tune apart;
-# the column-sum flags too: they change the candidates and the cost of every config.
+@triton.jit
+def split_vector_kernel(
+    v_ptr,
+    out_ptr,
+    unscale_ptr,
+    K,
+    BITS: tl.constexpr,
+    PARTS: tl.constexpr,
+    STORED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: ``max |v|``, then the parts of every element and the ``STORED`` scales."""
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(v_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    top = tl.max(amax, axis=0)
+    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # top = m 2^e, m in [.5, 1)
+    shift = tl.minimum(tl.maximum(14 - exponent, -60), 60)
+    scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)  # 2^shift, exactly
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + offs < K
+        rest = tl.load(v_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32) * scale
+        for j in tl.static_range(STORED):
+            if j < PARTS:
+                part = rest.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + (k0 + offs) * STORED + j, part, mask=mask)
+                rest = (rest - part.to(tl.float32)) * (2.0**BITS)  # exact
+            else:
+                tl.store(out_ptr + (k0 + offs) * STORED + j, tl.zeros_like(part), mask=mask)
+    j = tl.arange(0, STORED)
+    unscale = ((127 - shift - j * BITS) << 23).to(tl.float32, bitcast=True)
+    tl.store(unscale_ptr + j, tl.where(j < PARTS, unscale, 0.0))
+
+
+def split_vector(v: torch.Tensor, dtype: torch.dtype, exact_fp32: bool):
+    """``(V [K, 4] in dtype, unscale [4] fp32)`` with ``sum_j V[:, j] * unscale[j] == v``.
+
+    ``v`` (any float dtype) is scaled by a power of two so that ``max |v|`` lies in ``[2^13,
+    2^14)`` (fp16's range holds every part, subnormals are avoided), then split into
+    ``VIN_PARTS`` parts, each the rounding to ``dtype`` of the exact fp32 remainder of the ones
+    before, scaled up by ``2^bits``. Three parts of 8 (bf16) or 11 (fp16) bits cover fp32's 24.
+    With ``exact_fp32`` (fp32 inputs, IEEE ``tl.dot``) ``V``'s first column is ``v`` (scaled).
+    One kernel launch, no host synchronisation (it runs under CUDA graphs).
+    """
+    v = v.contiguous()
+    (k,) = v.shape
+    out = torch.empty((k, VIN_STORED), device=v.device, dtype=dtype)
+    unscale = torch.empty(VIN_STORED, device=v.device, dtype=torch.float32)
+    split_vector_kernel[(1,)](
+        v,
+        out,
+        unscale,
+        k,
+        BITS=_SIGNIFICAND_BITS[dtype],
+        PARTS=1 if exact_fp32 else VIN_PARTS,
+        STORED=VIN_STORED,
+        BLOCK=SPLIT_BLOCK,
+    )
+    return out, unscale
+
+
+# stride_bk in the key: the forward (W row-major, stride 1) and dx (W^T, stride M) tune apart.
+# N is not in the key and not specialised: a new batch size reuses the tuned config of its
+# N_BUCKET, and results go to Triton's on-disk cache (TRITON_CACHE_DIR) for later processes.
 @triton.autotune(
     configs=gemm_configs(),
-    key=["M", "K", "N_BUCKET", "stride_bk", "COL_WSUM", "COL_SUM"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    key=["M", "K", "N_BUCKET", "stride_bk"],
+    cache_results=True,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def rank1_gemm_kernel(
     a_ptr,
     b_ptr,
     vin_ptr,
+    vin_unscale_ptr,
     vout_ptr,
     bias_ptr,
     rowdot_ptr,
-    colw_ptr,
-    wsum_ptr,
-    csum_ptr,
     out_ptr,
     scale,
     N,
@@ -125,10 +204,11 @@ def rank1_gemm_kernel(
     COMPUTE_ROWDOT: tl.constexpr,
     ROWDOT_GIVEN: tl.constexpr,
     ADD_RANK1: tl.constexpr,
-    COL_WSUM: tl.constexpr,
-    COL_SUM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VCOLS: tl.constexpr,
+    VSTORED: tl.constexpr,
+    ROWDOT_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -148,40 +228,42 @@ def rank1_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
+    rv = tl.arange(0, VCOLS)
     mask_n = rn < N
     mask_m = rm < M
     a_ptrs = a_ptr + rn[:, None].to(tl.int64) * stride_an + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rm[None, :].to(tl.int64) * stride_bm
+    mask_v = rv < VSTORED
+    v_ptrs = vin_ptr + rk[:, None] * VSTORED + rv[None, :]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    racc = tl.zeros((BLOCK_N, VCOLS), dtype=tl.float32)
     rowdot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if COL_WSUM:
-        colw = tl.load(colw_ptr + rn, mask=mask_n, other=0.0)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         mask_k = rk < k_left
+        # Each tile loaded here feeds tl.dot and nothing else (module docstring).
         a = tl.load(a_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if COMPUTE_ROWDOT:
+        if COMPUTE_ROWDOT and ROWDOT_DOT:
+            v = tl.load(v_ptrs, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            racc = tl.dot(a, v, racc, input_precision=DOT_PRECISION)
+            v_ptrs += BLOCK_K * VSTORED
+        if COMPUTE_ROWDOT and not ROWDOT_DOT:  # sm_80 only (rowdot_as_dot)
             vin = tl.load(vin_ptr + k0 * BLOCK_K + rk, mask=mask_k, other=0.0).to(tl.float32)
             rowdot += tl.sum(a.to(tl.float32) * vin[None, :], axis=1)
-        if COL_WSUM or COL_SUM:  # noqa: SIM102 (a constexpr test and a runtime test)
-            # One column block is enough to see every column: the others skip the reductions.
-            if pid_m == 0:
-                # This chunk of the row block's partial row, [row_blocks, K] row-major.
-                part_ptrs = pid_n.to(tl.int64) * K + k0 * BLOCK_K + rk
-                if COL_WSUM:
-                    wsum = tl.sum(a.to(tl.float32) * colw[:, None], axis=0)
-                    tl.store(wsum_ptr + part_ptrs, wsum, mask=mask_k)
-                if COL_SUM:
-                    tl.store(csum_ptr + part_ptrs, tl.sum(a.to(tl.float32), axis=0), mask=mask_k)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if COMPUTE_ROWDOT and ROWDOT_DOT:
+        unscale = tl.load(vin_unscale_ptr + rv, mask=mask_v, other=0.0)
+        rowdot = tl.sum(racc * unscale[None, :], axis=1)
     if COMPUTE_ROWDOT:  # noqa: SIM102 (a constexpr test and a runtime test)
         if pid_m == 0:
             tl.store(rowdot_ptr + rn, rowdot, mask=mask_n)
@@ -206,9 +288,7 @@ def rank1_gemm_triton(
     vin: torch.Tensor | None = None,
     vout: torch.Tensor | None = None,
     rowdot: torch.Tensor | None = None,
-    colw: torch.Tensor | None = None,
-    with_colsum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out = inp @ b_matrix^T (+ s * r vout^T) (+ bias)``, with ``r = inp @ vin`` fused in.
 
     Args:
@@ -218,27 +298,24 @@ def rank1_gemm_triton(
         vin: ``[K]``: compute ``r = inp @ vin`` in the K loop and return it (fp32 ``[N]``).
         vout: ``[M]``: add ``s * r vout^T`` in the epilogue (needs ``vin`` or ``rowdot``).
         rowdot: ``[N]`` fp32 ``r`` computed elsewhere (the dropout path).
-        colw: ``[N]`` fp32: also return ``inp^T colw`` (fp32 ``[K]``), from the same A tiles.
-        with_colsum: also return the column sums ``inp^T 1`` (fp32 ``[K]``), likewise.
     Returns:
-        ``(out [N, M] in inp.dtype, r, inp^T colw, inp^T 1)``, each of the last three None
-        when not asked for.
+        ``(out [N, M] in inp.dtype, r)``, ``r`` None when ``vin`` is None.
     """
     N, K = inp.shape
     M = b_matrix.shape[0]
     # The kernel indexes the vectors with unit stride (matrices go by their strides).
-    vin, vout, bias, rowdot, colw = (
-        None if v is None else v.contiguous() for v in (vin, vout, bias, rowdot, colw)
-    )
+    vout, bias, rowdot = (None if v is None else v.contiguous() for v in (vout, bias, rowdot))
+    precision = dot_precision(inp.dtype)
     out = torch.empty((N, M), device=inp.device, dtype=inp.dtype)
     computed = torch.empty(N, device=inp.device, dtype=torch.float32) if vin is not None else None
     rowdot_buf = computed if computed is not None else rowdot
-    # One partial row per row block of the config the autotuner picks, which is known only
-    # after the launch: room for the smallest BLOCK_N, and only the rows written are summed.
-    min_block_n = min(cfg.kwargs["BLOCK_N"] for cfg in rank1_gemm_kernel.configs)
-    partial_shape = (triton.cdiv(N, min_block_n), K)
-    wsum = inp.new_empty(partial_shape, dtype=torch.float32) if colw is not None else None
-    csum = inp.new_empty(partial_shape, dtype=torch.float32) if with_colsum else None
+    as_dot = vin is not None and rowdot_as_dot(cuda_capability())
+    if as_dot:
+        exact = inp.dtype == torch.float32 and precision == "ieee"
+        vin_split, vin_unscale = split_vector(vin, inp.dtype, exact)
+    else:  # the FMA row dot reads vin as fp32
+        vin_split = None if vin is None else vin.float().contiguous()
+        vin_unscale = None
     dummy = out  # never read or written: the matching constexpr flag is off
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]),
@@ -246,13 +323,11 @@ def rank1_gemm_triton(
     rank1_gemm_kernel[grid](
         inp,
         b_matrix,
-        vin if vin is not None else dummy,
+        vin_split if vin_split is not None else dummy,
+        vin_unscale if vin_unscale is not None else dummy,
         vout if vout is not None else dummy,
         bias if bias is not None else dummy,
         rowdot_buf if rowdot_buf is not None else dummy,
-        colw if colw is not None else dummy,
-        wsum if wsum is not None else dummy,
-        csum if csum is not None else dummy,
         out,
         float(scale),
         N,
@@ -269,17 +344,10 @@ def rank1_gemm_triton(
         COMPUTE_ROWDOT=vin is not None,
         ROWDOT_GIVEN=vin is None and rowdot is not None,
         ADD_RANK1=vout is not None,
-        COL_WSUM=colw is not None,
-        COL_SUM=with_colsum,
         UPCAST=INTERPRET,
-        DOT_PRECISION=dot_precision(inp.dtype),
+        DOT_PRECISION=precision,
+        VCOLS=VIN_COLS,
+        VSTORED=VIN_STORED,
+        ROWDOT_DOT=as_dot,
     )
-    # The config of this launch (set on every launch, tuned or cached; the only one under the
-    # interpreter). Rows past its row-block count are unwritten or hold autotuning runs' data.
-    written = triton.cdiv(N, rank1_gemm_kernel.best_config.kwargs["BLOCK_N"])
-    return (
-        out,
-        computed,
-        wsum[:written].sum(0) if wsum is not None else None,
-        csum[:written].sum(0) if csum is not None else None,
-    )
+    return out, computed

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from xgblora_fast.kernels.rank1_parts import tile_offsets
 from xgblora_fast.kernels.runtime import INTERPRET
 
 REDUCE_BLOCK_N = 32
@@ -50,7 +51,7 @@ def weighted_colsum_kernel(
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < n_stop
         x = tl.load(
-            x_ptr + rn[:, None].to(tl.int64) * stride_xn + rc[None, :] * stride_xc,
+            x_ptr + tile_offsets(rn, rc, stride_xn, stride_xc),
             mask=mask_n[:, None] & mask_c[None, :],
             other=0.0,
         ).to(tl.float32)

@@ -7,6 +7,7 @@ its small vectors, because a merge must never write NaN/Inf into a weight.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -150,14 +151,112 @@ def check_compensation(
         raise ValueError("compensation must not share memory with weight")
 
 
-def abs_max(t: torch.Tensor) -> float:
-    """``max |t|`` as a float (NaN if ``t`` holds a NaN, inf if an inf), one reduction pass.
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of ``tensors`` (any shapes, flattened, in order) as Python floats.
+
+    Every host read of the merge and round-end path goes through here: the tensors are
+    concatenated on their device (type promotion keeps every value exact) and copied with one
+    ``tolist()``, so a device costs one synchronisation whatever the number of values.
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[float] = [0.0] * sum(t.numel() for t in tensors)
+    starts = [0]
+    for t in tensors:
+        starts.append(starts[-1] + t.numel())
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+        values = iter(flat.tolist())
+        for i in indices:
+            for j in range(starts[i], starts[i + 1]):
+                out[j] = float(next(values))
+    return out
+
+
+def abs_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` as a 0-d tensor on ``t``'s device (NaN if ``t`` holds a NaN, inf if an inf).
 
     ``aminmax`` rather than an inf-norm: on CPU it is vectorised (0.04 ms for a 768 x 768 fp32
     W, where ``linalg.vector_norm(ord=inf)`` and ``isfinite().all()`` take 0.8 ms).
     """
-    lo, hi = (float(v) for v in torch.aminmax(t.detach()))
-    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+    if t.numel() == 0:
+        return t.new_zeros(())
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo, hi)  # propagates NaN
+
+
+def abs_max(t: torch.Tensor) -> float:
+    """``max |t|`` as a float (NaN if ``t`` holds a NaN, inf if an inf), one reduction pass."""
+    return host_values(abs_max_tensor(t))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeStats:
+    """The values a merge's safety check reads, read beforehand (e.g. for many merges at once).
+
+    ``a_max``, ``b_max``: ``max |a|``, ``max |b|`` of the vectors merged; ``c_max``: ``max |C|`` of
+    the Kahan buffer (None: not measured); ``w_max``: ``max |W|`` (None: not measured; the check
+    then reads it itself when it needs it). They must describe the tensors as they are at the
+    merge: ``check_merge_args`` trusts them. ``weight_version``: for the caller, e.g.
+    ``(W._version, W.data_ptr())`` when measured, to drop a ``w_max`` that a write made stale.
+    """
+
+    a_max: float
+    b_max: float
+    c_max: float | None = None
+    w_max: float | None = None
+    weight_version: tuple[int, int] | None = None
+
+    @staticmethod
+    def tensors(
+        weight: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        compensation: torch.Tensor | None = None,
+        read_weight: bool = True,
+    ) -> list[torch.Tensor]:
+        """0-d device tensors ``[a_max, b_max, (c_max), (w_max)]`` (none for an empty ``W``: its
+        merge reads nothing); no host read."""
+        if weight.numel() == 0:
+            return []
+        out = [abs_max_tensor(a), abs_max_tensor(b)]
+        if compensation is not None:
+            out.append(abs_max_tensor(compensation))
+        if read_weight:
+            out.append(abs_max_tensor(weight))
+        return out
+
+    @classmethod
+    def from_values(
+        cls,
+        values: list[float],
+        weight: torch.Tensor,
+        compensation: torch.Tensor | None = None,
+        read_weight: bool = True,
+    ) -> MergeStats:
+        """The stats from ``host_values(*MergeStats.tensors(...))`` (same arguments)."""
+        if weight.numel() == 0:
+            return cls(
+                0.0, 0.0, None if compensation is None else 0.0, 0.0 if read_weight else None
+            )
+        values = list(values)
+        c_max = values[2] if compensation is not None else None
+        w_max = values[-1] if read_weight else None
+        return cls(values[0], values[1], c_max, w_max)
+
+    @classmethod
+    def read(
+        cls,
+        weight: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        compensation: torch.Tensor | None = None,
+        read_weight: bool = True,
+    ) -> MergeStats:
+        """Measure the stats: one host read."""
+        values = host_values(*cls.tensors(weight, a, b, compensation, read_weight))
+        return cls.from_values(values, weight, compensation, read_weight)
 
 
 def check_merge_args(
@@ -169,6 +268,7 @@ def check_merge_args(
     compensation: torch.Tensor | None = None,
     row_offset: object = 0,
     weight_abs_max: object = None,
+    stats: MergeStats | None = None,
 ) -> tuple[float, float | None]:
     """Validate ``merge_`` inputs, values included; return ``(scale, bound)``.
 
@@ -186,6 +286,11 @@ def check_merge_args(
     compensation buffer; the exact element-wise check runs only when that bound is not enough.
     ``weight_abs_max``, a finite float the caller guarantees to be ``>= max |W|`` (so ``W`` holds
     no NaN/Inf), replaces the pass over ``W`` whenever it proves the merge safe.
+
+    ``max |a|``, ``max |b|`` and ``max |C|`` are read in one host read (``host_values``),
+    ``max |W|`` in one more when it is needed (``abs_max``). ``stats`` (``MergeStats``, measured
+    on these tensors as they are now) replaces the first read and, with a ``w_max``, the second,
+    so that many merges can share one read. The verdict and the bound are the same either way.
     """
     for name, t in (("weight", weight), ("a", a), ("b", b)):
         _check_tensor(name, t)
@@ -227,8 +332,9 @@ def check_merge_args(
             "write one element through several indices; clone() it first"
         )
     kept = "weight left unchanged" if compensation is None else "weight and compensation unchanged"
-    a_max = abs_max(a)
-    b_max = abs_max(b)
+    if stats is None:
+        stats = MergeStats.read(weight, a, b, compensation, read_weight=False)
+    a_max, b_max = stats.a_max, stats.b_max
     for name, value in (("a", a_max), ("b", b_max)):
         if not math.isfinite(value):
             raise ValueError(f"merge refused: {name} contains NaN/Inf; {kept}")
@@ -236,7 +342,7 @@ def check_merge_args(
     if not math.isfinite(bound):
         raise ValueError(f"merge refused: s * b a^T overflows; {kept}")
     if compensation is not None:  # a Kahan merge adds the buffer too, even with a zero update
-        c_max = abs_max(compensation)
+        c_max = stats.c_max if stats.c_max is not None else abs_max(compensation)
         if not math.isfinite(c_max):
             raise ValueError(f"merge refused: compensation contains NaN/Inf; {kept}")
         bound += c_max
@@ -246,7 +352,7 @@ def check_merge_args(
     if bound == 0.0:
         return s, (None if weight_abs_max is None else hint)  # W unread: no bound known
     # One reduction pass over W (no temporary): |W + s b a^T + C| <= |W|max + bound.
-    w_max = abs_max(weight)
+    w_max = stats.w_max if stats.w_max is not None else abs_max(weight)
     if not math.isfinite(w_max):
         raise ValueError(f"merge refused: weight already contains NaN/Inf; {kept}")
     if w_max + bound > limit:
@@ -271,10 +377,13 @@ def _merged_abs_max(
     rows = max(1, (1 << 20) // max(weight.shape[1], 1))
     a64 = a.detach().double()
     sb = s * b.detach().double()
-    worst = 0.0
+    maxima = []
     for r0 in range(0, weight.shape[0], rows):
         chunk = weight[r0 : r0 + rows].double() + sb[r0 : r0 + rows, None] * a64[None, :]
         if compensation is not None:
             chunk += compensation[r0 : r0 + rows].double()
-        worst = max(worst, float(chunk.abs().max()))
+        maxima.append(chunk.abs().max())
+    worst = 0.0
+    for value in host_values(*maxima):
+        worst = max(worst, value)
     return worst

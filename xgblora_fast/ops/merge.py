@@ -20,7 +20,7 @@ from xgblora_fast.ops import reference
 from xgblora_fast.ops._native import native_module
 from xgblora_fast.ops.autocast import autocast_off
 from xgblora_fast.ops.backend import resolve_backend
-from xgblora_fast.ops.checks import check_backend, check_merge_args
+from xgblora_fast.ops.checks import MergeStats, check_backend, check_merge_args
 
 SEED_BITS = 31
 
@@ -127,13 +127,18 @@ def merge_with_bound_(
     compensation: torch.Tensor | None = None,
     row_offset: int = 0,
     weight_abs_max: float | None = None,
+    stats: MergeStats | None = None,
 ) -> float | None:
     """``merge_`` that returns an upper bound on ``max |W|`` after the merge (a float), or None
     when a zero update left ``W`` unread. Passed back as ``weight_abs_max`` at the next merge of
     the same ``W`` (nothing else having written it), it spares that merge its pass over ``W``:
-    ``FastRank1Linear`` keeps it, keyed by the weight's version counter."""
+    ``FastRank1Linear`` keeps it, keyed by the weight's version counter.
+
+    The safety check reads its values from the device in one transfer (``checks.host_values``);
+    ``stats`` (``checks.MergeStats``, measured on these tensors as they are now, e.g. for a
+    round's merges in one transfer) spares it that read."""
     scale, bound = check_merge_args(
-        weight, a, b, scale, rounding, compensation, row_offset, weight_abs_max
+        weight, a, b, scale, rounding, compensation, row_offset, weight_abs_max, stats
     )
     check_backend(backend)
     resolve_backend(backend, weight.device)

@@ -19,6 +19,8 @@ and ``torch.compile``; the implementations themselves run with autocast off.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -39,10 +41,9 @@ def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
     from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
 
     if x_adapter is None:
-        y, u, _, _ = rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
-        return y, u
+        return rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
     u = x_adapter.float() @ a.float()
-    y, _, _, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
+    y, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
     return y, u
 
 
@@ -52,22 +53,13 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
 
     dx = da = db = dbias = dx_adapter = None
     v = None
-    # Without dropout, the dx GEMM also folds db = s dy^T u and dbias = dy^T 1 into its pass
-    # over dy (which it reads anyway), instead of a second read of dy by weighted_colsum.
-    fused = need_dx and x_adapter is None
     if need_dx:
-        # dx = dy @ W (+ s v a^T): the forward kernel over dy with W's strides swapped.
-        dx, v, db, dbias = rank1_gemm_triton(
-            dy,
-            weight.t(),
-            None,
-            scale,
-            vin=b,
-            vout=a if fused else None,
-            colw=u if fused and need_dab else None,
-            with_colsum=fused and need_dbias,
+        # dx = dy @ W (+ s v a^T): the forward kernel over dy with W's strides swapped, v = dy.b
+        # its row dot; without dropout the rank-1 term goes into its epilogue.
+        dx, v = rank1_gemm_triton(
+            dy, weight.t(), None, scale, vin=b, vout=a if x_adapter is None else None
         )
-        if not fused:
+        if x_adapter is not None:
             dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
     if need_dab:
         if v is None:
@@ -75,11 +67,13 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
         xa = x if x_adapter is None else x_adapter
         da, _ = weighted_colsum_triton(xa, v, with_colsum=False)
         da.mul_(scale)
-        if not fused:
-            db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
+        # db = s dy^T u and dbias = dy^T 1: one pass over dy of their own, not folded into the
+        # dx GEMM (whose tiles feed only tl.dot, kernels/rank1_gemm.py): the summation order is
+        # the reduction's, the same whatever config the GEMM's autotuner picked.
+        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
         db.mul_(scale)
-    elif need_dbias and not fused:
-        dbias = dy.float().sum(0)
+    elif need_dbias:
+        dbias = dy.sum(0, dtype=torch.float32)
     return dx, da, db, dbias, dx_adapter
 
 
@@ -98,6 +92,77 @@ def _backward_cuda(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, 
             dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
         )
     )
+
+
+def _forward_cublas(x, weight, bias, a, b, scale, x_adapter):
+    """The "cublas" path: ``F.linear`` (cuBLAS, as ``nn.Linear``), then ``y += s u b^T`` in place.
+
+    ``u = x_adapter a`` by a Triton row dot (fp32 accumulation, no fp32 copy of x); the rank-1
+    epilogue reads and writes y once.
+    """
+    from xgblora_fast.kernels.rank1_parts import rank1_epilogue_, rowdot_triton
+
+    u = rowdot_triton(x if x_adapter is None else x_adapter, a)
+    y = F.linear(x, weight, bias)
+    return rank1_epilogue_(y, u, b, scale), u
+
+
+def _backward_cublas(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
+    """The "cublas" path's backward: ``dx = dy W`` by cuBLAS (+ ``s v a^T`` in place), the
+    row dot ``v = dy b`` and the column reductions ``da``, ``db``, ``dbias`` by Triton."""
+    from xgblora_fast.kernels.rank1_parts import (
+        colsum_triton,
+        rank1_epilogue_,
+        rank1_outer,
+        rowdot_triton,
+    )
+    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
+
+    dx = da = db = dbias = dx_adapter = None
+    v = rowdot_triton(dy, b) if need_dx or need_dab else None
+    if need_dx:
+        dx = torch.mm(dy, weight)
+        if x_adapter is None:
+            rank1_epilogue_(dx, v, a, scale)
+        else:
+            dx_adapter = rank1_outer(v, a, scale, x.dtype)
+    if need_dab:
+        da, _ = weighted_colsum_triton(x if x_adapter is None else x_adapter, v, with_colsum=False)
+        da.mul_(scale)
+        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
+        db.mul_(scale)
+    elif need_dbias:
+        dbias = colsum_triton(dy)
+    return dx, da, db, dbias, dx_adapter
+
+
+def _forward_triton_path(backend, x, weight, bias, a, b, scale, x_adapter):
+    """The Triton backend's forward for this call: fused kernel or cuBLAS + rank-1 kernels
+    (``ops/dispatch.py`` decides, at run time, outside any traced code)."""
+    from xgblora_fast.ops.dispatch import SELECTOR, bucket_key
+
+    impls = {"fused": _forward_triton, "cublas": _forward_cublas}
+    args = (x, weight, bias, a, b, scale, x_adapter)
+    n, k = x.shape
+    m = weight.shape[0]
+    variant = f"bias{int(bias is not None)}drop{int(x_adapter is not None)}"
+    key = bucket_key("forward", x.dtype, n, k, m, variant)
+    runners = {name: functools.partial(impl, *args) for name, impl in impls.items()}
+    return impls[SELECTOR.choose(backend, x.device, key, n, x.dtype, runners)]
+
+
+def _backward_triton_path(backend, dy, x, weight, a, b, u, scale, x_adapter, *needs):
+    """The Triton backend's backward for this call (see ``_forward_triton_path``)."""
+    from xgblora_fast.ops.dispatch import SELECTOR, bucket_key
+
+    impls = {"fused": _backward_triton, "cublas": _backward_cublas}
+    args = (dy, x, weight, a, b, u, scale, x_adapter, *needs)
+    n, m = dy.shape
+    k = x.shape[1]
+    variant = "need" + "".join(str(int(f)) for f in needs) + f"drop{int(x_adapter is not None)}"
+    key = bucket_key("backward", dy.dtype, n, k, m, variant)
+    runners = {name: functools.partial(impl, *args) for name, impl in impls.items()}
+    return impls[SELECTOR.choose(backend, dy.device, key, n, dy.dtype, runners)]
 
 
 _FORWARD = {
@@ -144,18 +209,26 @@ def autocast_inputs(x, weight, bias, a, b, x_adapter):
 
 def _run_forward(x, weight, bias, a, b, scale, x_adapter, backend):
     """Forward on 2-D ``x [N, K]``: ``(y [N, M] in x.dtype, u [N] fp32)`` on the chosen backend."""
-    impl = _FORWARD[resolve_backend(backend, x.device)]
+    name = resolve_backend(backend, x.device)
+    impl = _FORWARD[name]
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0,), dtype=torch.float32)
     with autocast_off(x.device):
+        if name == "triton":
+            impl = _forward_triton_path(backend, x, weight, bias, a, b, scale, x_adapter)
         return impl(x, weight, bias, a, b, scale, x_adapter)
 
 
 def _run_backward(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias, backend):
     """``(dx, da, db, dbias, dx_adapter)``, None where not needed; da/db in the adapters' dtype."""
-    impl = _BACKWARD[resolve_backend(backend, dy.device)]
+    name = resolve_backend(backend, dy.device)
+    impl = _BACKWARD[name]
     if dy.shape[0] == 0:
         impl = reference.rank1_linear_backward_reference
+    elif name == "triton":
+        needs = (need_dx, need_dab, need_dbias)
+        with autocast_off(dy.device):
+            impl = _backward_triton_path(backend, dy, x, weight, a, b, u, scale, x_adapter, *needs)
     with autocast_off(dy.device):
         dx, da, db, dbias, dx_adapter = impl(
             dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias
