@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from xgblora_fast.kernels.reduce_launch import colsum_split
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 STEPS = 3
@@ -275,17 +277,6 @@ TEMPORARY_LAYERS = ((4096, 4096), (4096, 14336), (14336, 4096))
 TEMPORARY_TOKENS = (512, 2048, 4096, 16384)
 
 
-def _colsum_partial_rows(n: int, c: int) -> int:
-    """Rows of ``weighted_colsum_triton``'s fp32 ``[split, C]`` partials on a GPU (its split
-    arithmetic with the compiled kernel's blocks: 32 rows, 128 columns, ~1024 programs)."""
-    block_n, block_c, target = 32, 128, 1024
-    col_blocks = -(-c // block_c)
-    row_blocks = max(-(-n // block_n), 1)
-    split = max(1, min(row_blocks, target // col_blocks))
-    rows_per_split = -(-row_blocks // split) * block_n
-    return max(1, -(-n // rows_per_split))
-
-
 def backward_temporaries(n: int, k: int, m: int, elt: int = 2) -> dict[str, Any]:
     """Peak temporary bytes of one layer's Triton backward (dx, da, db, dbias, no dropout).
 
@@ -300,9 +291,9 @@ def backward_temporaries(n: int, k: int, m: int, elt: int = 2) -> dict[str, Any]
     """
     f4 = 4
     v = n * f4
-    da_partials = _colsum_partial_rows(n, k) * k * f4
+    da_partials = colsum_split(n, k)[0] * k * f4
     before = v + max(2 * -(-n // 16) * m * f4, da_partials)
-    after = v + max(m * 4 * elt + 4 * f4, da_partials, 2 * _colsum_partial_rows(n, m) * m * f4)
+    after = v + max(m * 4 * elt + 4 * f4, da_partials, 2 * colsum_split(n, m)[0] * m * f4)
     activation = n * (k + m) * elt
     return {
         "N": n,

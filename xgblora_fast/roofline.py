@@ -25,10 +25,12 @@ The three paths, kernel by kernel:
 - ``linear``: frozen ``nn.Linear`` (cuBLAS), the floor: one GEMM forward, one GEMM (``dx``)
   backward; for the merge the floor is one copy of ``W`` (one read, one write).
 - ``fused``: xgblora-fast's Triton kernels (``kernels/``): forward ``rank1_gemm_kernel``;
-  backward ``rank1_gemm_kernel[dx,db,dbias]``, one read of ``dy`` for ``dx``, ``v = dy.b``
-  and the column sums of ``db`` and ``dbias`` (one fp32 partial row each per ``FUSED_BLOCK_N``
-  rows of ``dy``), then torch's sums of those partial rows and one ``weighted_colsum_kernel``
-  pass (``da`` over ``x``); merge = ``rank1_merge_kernel`` (one read and one write of ``W``), the
+  backward ``rank1_gemm_kernel[dx]``, one read of ``dy`` for ``dx`` and ``v = dy.b``, then one
+  ``weighted_colsum_kernel`` pass over ``x`` (``da``) and one over ``dy`` (``db``, ``dbias``:
+  their own pass, so that every tile of the GEMM's K loop feeds only ``tl.dot``). On sm_90 the
+  row dots are a second ``tl.dot`` against a ``[BLOCK_K, 16]`` tile, in every column block of
+  the output: ``16 / FUSED_BLOCK_M`` of the GEMM's tensor-core work again. Merge =
+  ``rank1_merge_kernel`` (one read and one write of ``W``), the
   merge a booster runs from a layer's second merge on: ``FastRank1Linear`` keeps a bound on
   ``max |W|`` between merges, so ``merge_``'s overflow check needs no pass over ``W``. A layer's
   first merge (and one after anything else wrote ``W``) adds that check, one more read of ``W``.
@@ -47,13 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xgblora_fast.kernels.reduce_launch import colsum_split
+
 PATHS = ("linear", "fused", "peft")
 OPERATIONS = ("forward", "backward", "forward+backward", "merge")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_SHAPE = (16384, 4096, 4096)  # N, K, M: a 7B attention layer at the largest GPU N
-# Row block of the dx kernel's large-N configs (kernels/rank1_gemm.py): it writes one partial
-# row of db and dbias per block of this many rows of dy.
-FUSED_BLOCK_N = 128
+# Column block of the GEMM's large configs (kernels/rank1_gemm.py): each recomputes its row
+# block's row dot, on sm_90 as a dot with ROWDOT_COLUMNS columns.
+FUSED_BLOCK_M = 256
+ROWDOT_COLUMNS = 16
 
 # Provider names of bench/microbench.py, the join key with its measured results.
 PROVIDER_FLOOR = "nn.Linear (frozen)"
@@ -127,6 +132,31 @@ class KernelCost:
         return "compute" if compute_s > self.bytes / ceilings.bytes_per_s else "memory"
 
 
+def colsum_costs(path: str, n: int, k: int, m: int, elt: int) -> list[KernelCost]:
+    """The backward's two ``weighted_colsum_kernel`` passes, shared by both Triton paths:
+    ``da = s x^T v`` over ``x`` and ``db = s dy^T u``, ``dbias = dy^T 1`` over ``dy``, each with
+    its fp32 ``[split, C]`` partial rows written, then summed by torch."""
+    f4 = 4
+    nk, nm = n * k, n * m
+    split_k, split_m = colsum_split(n, k)[0], colsum_split(n, m)[0]
+    return [
+        KernelCost(
+            path,
+            "backward",
+            "weighted_colsum_kernel[da] (+ partial sums)",
+            2 * nk + split_k * k,
+            elt * nk + f4 * (n + 2 * split_k * k + k),
+        ),
+        KernelCost(
+            path,
+            "backward",
+            "weighted_colsum_kernel[db,dbias] (+ partial sums)",
+            3 * nm + 2 * split_m * m,
+            elt * nm + f4 * (n + 4 * split_m * m + 2 * m),
+        ),
+    ]
+
+
 def kernel_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
     """Every kernel of the three paths for ``x [n, k]``, ``W [m, k]``, ``elt``-byte elements.
 
@@ -135,8 +165,13 @@ def kernel_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
     """
     f4 = 4
     nk, nm, mk = n * k, n * m, m * k
-    partial = -(-n // FUSED_BLOCK_N) * m  # elements of each fp32 partial buffer (db, dbias)
     gemm = 2 * n * k * m
+    column_blocks = -(-m // FUSED_BLOCK_M)
+
+    def rowdot_flops(rows: int, inner: int, blocks: int) -> int:
+        """The row dot as the sm_90 kernel runs it: a 16-column dot in every column block."""
+        return 2 * rows * inner * ROWDOT_COLUMNS * blocks
+
     cast = elt != f4  # peft casts half-precision activations to its fp32 adapters' dtype
 
     def kc(path: str, op: str, name: str, flops: int, nbytes: int) -> KernelCost:
@@ -146,31 +181,25 @@ def kernel_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
         kc("linear", "forward", "GEMM y = x W^T + bias", gemm + nm, elt * (nk + mk + nm + m)),
         kc("linear", "backward", "GEMM dx = dy W", gemm, elt * (nm + mk + nk)),
         kc("linear", "merge", "copy W", 0, 2 * elt * mk),
-        # Forward: GEMM + row dot u = x.a in the K loop (2NK) + epilogue s u b^T + bias (3NM).
+        # Forward: GEMM + row dot u = x.a in the K loop + epilogue s u b^T + bias (3NM); reads
+        # the [K, 4] split of a (input dtype) and b, writes u.
         kc(
             "fused",
             "forward",
             "rank1_gemm_kernel",
-            gemm + 2 * nk + 3 * nm,
-            elt * (nk + mk + nm + m) + f4 * (k + m + n),
+            gemm + rowdot_flops(n, k, column_blocks) + 3 * nm,
+            elt * (nk + mk + nm + m) + elt * 4 * k + f4 * (m + n),
         ),
-        # dx: GEMM + row dot v = dy.b (2NM) + epilogue s v a^T (2NK) + the column sums of the
-        # same dy tiles, dy^T u (2NM) and dy^T 1 (NM); reads a, b, u, writes v and the partials.
+        # dx: GEMM + row dot v = dy.b in the K loop + epilogue s v a^T (2NK); reads the [M, 4]
+        # split of b and a, writes v.
         kc(
             "fused",
             "backward",
-            "rank1_gemm_kernel[dx,db,dbias]",
-            gemm + 5 * nm + 2 * nk,
-            elt * (nm + mk + nk) + f4 * (m + k + 2 * n + 2 * partial),
+            "rank1_gemm_kernel[dx]",
+            gemm + rowdot_flops(n, m, -(-k // FUSED_BLOCK_M)) + 2 * nk,
+            elt * (nm + mk + nk) + elt * 4 * m + f4 * (k + n),
         ),
-        kc(
-            "fused",
-            "backward",
-            "partial-row sums db, dbias (torch)",
-            2 * partial,
-            f4 * (2 * partial + 2 * m),
-        ),
-        kc("fused", "backward", "weighted_colsum_kernel[da]", 2 * nk, elt * nk + f4 * (n + k)),
+        *colsum_costs("fused", n, k, m, elt),
         kc("fused", "merge", "rank1_merge_kernel[nearest]", 2 * mk, 2 * elt * mk + f4 * (m + k)),
         # peft forward: result = base(x); result = result + lora_B(lora_A(x.to(f32))) * s.
         kc("peft", "forward", "base GEMM y0 = x W^T + bias", gemm + nm, elt * (nk + mk + nm + m)),
@@ -423,16 +452,6 @@ def format_roofline(
 
 # ------------------------------------------------------------------ the Triton backend's two paths
 CUBLAS_PATH_LABEL = "xgblora-fast (cuBLAS + rank-1 kernels)"
-# kernels/rank1_reduce.py's launch shape, for the fp32 partial rows weighted_colsum writes.
-REDUCE_BLOCK_N, REDUCE_BLOCK_C, REDUCE_TARGET_PROGRAMS = 32, 128, 1024
-
-
-def _colsum_splits(n: int, c: int) -> int:
-    """Row splits of ``weighted_colsum_triton`` (one fp32 partial row of ``c`` each)."""
-    row_blocks = max(-(-n // REDUCE_BLOCK_N), 1)
-    split = max(1, min(row_blocks, REDUCE_TARGET_PROGRAMS // -(-c // REDUCE_BLOCK_C)))
-    rows_per_split = -(-row_blocks // split) * REDUCE_BLOCK_N
-    return max(1, -(-n // rows_per_split))
 
 
 def cublas_path_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
@@ -443,7 +462,6 @@ def cublas_path_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
     f4 = 4
     nk, nm, mk = n * k, n * m, m * k
     gemm = 2 * n * k * m
-    split_k, split_m = _colsum_splits(n, k), _colsum_splits(n, m)
 
     def kc(op: str, name: str, flops: int, nbytes: int) -> KernelCost:
         return KernelCost("cublas", op, name, flops, nbytes)
@@ -455,18 +473,7 @@ def cublas_path_costs(n: int, k: int, m: int, elt: int) -> list[KernelCost]:
         kc("backward", "rowdot_kernel v = dy.b", 2 * nm, elt * nm + f4 * (m + n)),
         kc("backward", "cuBLAS dx = dy W", gemm, elt * (nm + mk + nk)),
         kc("backward", "rank1_epilogue_kernel dx += s v a^T", 3 * nk, 2 * elt * nk + f4 * (n + k)),
-        kc(
-            "backward",
-            "weighted_colsum_kernel[da] (+ partial sums)",
-            2 * nk + split_k * k,
-            elt * nk + f4 * (n + 2 * split_k * k + k),
-        ),
-        kc(
-            "backward",
-            "weighted_colsum_kernel[db,dbias] (+ partial sums)",
-            3 * nm + 2 * split_m * m,
-            elt * nm + f4 * (n + 4 * split_m * m + 2 * m),
-        ),
+        *colsum_costs("cublas", n, k, m, elt),
     ]
 
 

@@ -14,14 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from xgblora_fast.kernels import reduce_launch
 from xgblora_fast.kernels.rank1_parts import tile_offsets
 from xgblora_fast.kernels.runtime import INTERPRET
 
-REDUCE_BLOCK_N = 32
-REDUCE_BLOCK_C = 32 if INTERPRET else 128
+REDUCE_BLOCK_N = reduce_launch.BLOCK_N
+REDUCE_BLOCK_C = 32 if INTERPRET else reduce_launch.BLOCK_C
 REDUCE_NUM_WARPS = 4
-# Enough programs to fill ~132 SMs several times over; the interpreter wants few programs.
-REDUCE_TARGET_PROGRAMS = 4 if INTERPRET else 1024
+# The interpreter wants few programs (and small tests still want several splits).
+REDUCE_TARGET_PROGRAMS = 4 if INTERPRET else reduce_launch.TARGET_PROGRAMS
+REDUCE_MIN_ROWS = REDUCE_BLOCK_N if INTERPRET else reduce_launch.MIN_ROWS_PER_SPLIT
 
 
 @triton.jit
@@ -77,10 +79,9 @@ def weighted_colsum_triton(
     """
     N, C = x.shape
     col_blocks = triton.cdiv(C, REDUCE_BLOCK_C)
-    row_blocks = max(triton.cdiv(N, REDUCE_BLOCK_N), 1)
-    split = max(1, min(row_blocks, REDUCE_TARGET_PROGRAMS // col_blocks))
-    rows_per_split = triton.cdiv(row_blocks, split) * REDUCE_BLOCK_N
-    split = max(1, triton.cdiv(N, rows_per_split))
+    split, rows_per_split = reduce_launch.colsum_split(
+        N, C, REDUCE_BLOCK_N, REDUCE_BLOCK_C, REDUCE_TARGET_PROGRAMS, REDUCE_MIN_ROWS
+    )
     wsum = torch.empty((split, C), device=x.device, dtype=torch.float32)
     csum = torch.empty((split, C), device=x.device, dtype=torch.float32) if with_colsum else wsum
     weighted_colsum_kernel[(col_blocks, split)](

@@ -39,16 +39,18 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
     from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
+    from xgblora_fast.kernels.rank1_parts import rowdot_triton
 
     if x_adapter is None:
         return rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
-    u = x_adapter.float() @ a.float()
+    u = rowdot_triton(x_adapter, a)  # fp32 accumulation, no fp32 copy of the dropped input
     y, _ = rank1_gemm_triton(x, weight, bias, scale, vout=b, rowdot=u)
     return y, u
 
 
 def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
     from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
+    from xgblora_fast.kernels.rank1_parts import colsum_triton, rank1_outer, rowdot_triton
     from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
 
     dx = da = db = dbias = dx_adapter = None
@@ -60,10 +62,10 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
             dy, weight.t(), None, scale, vin=b, vout=a if x_adapter is None else None
         )
         if x_adapter is not None:
-            dx_adapter = torch.outer(v, a.float()).mul_(scale).to(x.dtype)
+            dx_adapter = rank1_outer(v, a, scale, x.dtype)
     if need_dab:
         if v is None:
-            v = dy.float() @ b.float()
+            v = rowdot_triton(dy, b)
         xa = x if x_adapter is None else x_adapter
         da, _ = weighted_colsum_triton(xa, v, with_colsum=False)
         da.mul_(scale)
@@ -73,7 +75,7 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
         db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
         db.mul_(scale)
     elif need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32)
+        dbias = colsum_triton(dy)
     return dx, da, db, dbias, dx_adapter
 
 
