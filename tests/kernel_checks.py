@@ -7,6 +7,11 @@ Importable as ``kernel_checks`` because pytest puts ``tests/`` (home of conftest
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +159,22 @@ def autocast_parity(
     for name, ref in grads_peft.items():
         errors[f"grad_{name}"] = rel_err(grads[name].reshape(ref.shape), ref.cpu().double())
     return errors
+
+
+def run_compiled_json(args: list[str], timeout: int = 900) -> object:
+    """Run ``python ARGS`` from the repo root without ``TRITON_INTERPRET`` (so Triton compiles
+    ahead of time) and ``tests/`` importable; return what it printed to stdout, as JSON."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)

@@ -6,7 +6,6 @@ kernels under the interpreter, and interpreter objects cannot be compiled ahead 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kernel_checks import run_compiled_json
 
 from xgblora_fast.inspect import GEMM_VARIANTS
 from xgblora_fast.kernels.rank1_gemm import GEMM_CONFIGS
@@ -33,18 +33,7 @@ OTHER_KERNELS = (
 
 @pytest.fixture(scope="module")
 def report() -> list[dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "xgblora_fast.inspect", "--json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_compiled_json(["-m", "xgblora_fast.inspect", "--json"])
 
 
 def _rows(report: list[dict[str, Any]], kernel: str, arch: str) -> list[dict[str, Any]]:

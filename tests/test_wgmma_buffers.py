@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import triton
 import triton.language as tl
+from kernel_checks import run_compiled_json
 
 from xgblora_fast.inspect import GEMM_VARIANTS
 from xgblora_fast.kernels.rank1_gemm import GEMM_CONFIGS
@@ -52,19 +53,7 @@ print(json.dumps(I.compile_jobs(jobs, 2)))
 
 
 def _compile(dtypes: tuple[str, ...]) -> list[dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE, ",".join(dtypes)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_compiled_json(["-c", _COMPILE, ",".join(dtypes)])
 
 
 def race_free(row: dict[str, Any], wgmma_per_iteration: int) -> bool:

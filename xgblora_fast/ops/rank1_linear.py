@@ -50,10 +50,9 @@ def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
 
 def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
     from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
-    from xgblora_fast.kernels.rank1_parts import colsum_triton, rank1_outer, rowdot_triton
-    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
+    from xgblora_fast.kernels.rank1_parts import rank1_outer, rowdot_triton
 
-    dx = da = db = dbias = dx_adapter = None
+    dx = dx_adapter = None
     v = None
     if need_dx:
         # dx = dy @ W (+ s v a^T): the forward kernel over dy with W's strides swapped, v = dy.b
@@ -63,20 +62,28 @@ def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
         )
         if x_adapter is not None:
             dx_adapter = rank1_outer(v, a, scale, x.dtype)
-    if need_dab:
-        if v is None:
-            v = rowdot_triton(dy, b)
-        xa = x if x_adapter is None else x_adapter
-        da, _ = weighted_colsum_triton(xa, v, with_colsum=False)
-        da.mul_(scale)
-        # db = s dy^T u and dbias = dy^T 1: one pass over dy of their own, not folded into the
-        # dx GEMM (whose tiles feed only tl.dot, kernels/rank1_gemm.py): the summation order is
-        # the reduction's, the same whatever config the GEMM's autotuner picked.
-        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
-        db.mul_(scale)
-    elif need_dbias:
-        dbias = colsum_triton(dy)
+    if need_dab and v is None:
+        v = rowdot_triton(dy, b)
+    da, db, dbias = _adapter_gradients(dy, x, u, v, scale, x_adapter, need_dab, need_dbias)
     return dx, da, db, dbias, dx_adapter
+
+
+def _adapter_gradients(dy, x, u, v, scale, x_adapter, need_dab, need_dbias):
+    """``(da, db, dbias)`` by Triton column reductions (None where not needed), both paths.
+
+    ``da = s x^T v`` is one pass over x; ``db = s dy^T u`` and ``dbias = dy^T 1`` one pass over
+    dy of their own, not folded into the dx GEMM (whose tiles feed only ``tl.dot``,
+    ``kernels/rank1_gemm.py``): the summation order is the reduction's, whatever config the
+    GEMM's autotuner picked.
+    """
+    from xgblora_fast.kernels.rank1_parts import colsum_triton
+    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
+
+    if not need_dab:
+        return None, None, colsum_triton(dy) if need_dbias else None
+    da, _ = weighted_colsum_triton(x if x_adapter is None else x_adapter, v, with_colsum=False)
+    db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
+    return da.mul_(scale), db.mul_(scale), dbias
 
 
 def _forward_cuda(x, weight, bias, a, b, scale, x_adapter):
@@ -113,14 +120,12 @@ def _backward_cublas(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
     """The "cublas" path's backward: ``dx = dy W`` by cuBLAS (+ ``s v a^T`` in place), the
     row dot ``v = dy b`` and the column reductions ``da``, ``db``, ``dbias`` by Triton."""
     from xgblora_fast.kernels.rank1_parts import (
-        colsum_triton,
         rank1_epilogue_,
         rank1_outer,
         rowdot_triton,
     )
-    from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
 
-    dx = da = db = dbias = dx_adapter = None
+    dx = dx_adapter = None
     v = rowdot_triton(dy, b) if need_dx or need_dab else None
     if need_dx:
         dx = torch.mm(dy, weight)
@@ -128,13 +133,7 @@ def _backward_cublas(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab
             rank1_epilogue_(dx, v, a, scale)
         else:
             dx_adapter = rank1_outer(v, a, scale, x.dtype)
-    if need_dab:
-        da, _ = weighted_colsum_triton(x if x_adapter is None else x_adapter, v, with_colsum=False)
-        da.mul_(scale)
-        db, dbias = weighted_colsum_triton(dy, u, with_colsum=need_dbias)
-        db.mul_(scale)
-    elif need_dbias:
-        dbias = colsum_triton(dy)
+    da, db, dbias = _adapter_gradients(dy, x, u, v, scale, x_adapter, need_dab, need_dbias)
     return dx, da, db, dbias, dx_adapter
 
 
