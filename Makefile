@@ -2,8 +2,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# torch first: 2.14.1 comes from local disk (see shared/design.md section 5); numpy is needed by
-# the Triton interpreter and is not pulled in by torch.
+# torch first (2.14.1, the version the tests run with), so peft and the rest keep it; numpy is
+# needed by the Triton interpreter and is not pulled in by torch.
 TORCH   ?= torch==2.14.1
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 # Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.

@@ -101,13 +101,13 @@ class Ceilings:
     source: str
 
 
-# design.md section 3: measured on an H100 80GB (one large copy, one large bf16 GEMM). fp16 runs
+# Measured on an H100 80GB (one large copy, one large bf16 GEMM on random data). fp16 runs
 # on the same tensor cores as bf16; fp32 (IEEE tl.dot, no TF32) is the datasheet's non-tensor rate.
 H100 = Ceilings(
     name="H100 SXM",
     flops_per_s={"bf16": 798e12, "fp16": 798e12, "fp32": 67e12},
     bytes_per_s=3.0e12,
-    source="measured copy 3.0 TB/s and bf16 GEMM 798 TFLOP/s (design.md section 3); "
+    source="measured on an H100 80GB: copy 3.0 TB/s, bf16 GEMM 798 TFLOP/s; "
     "fp16 assumed equal to bf16, fp32 = datasheet 67 TFLOP/s",
 )
 
