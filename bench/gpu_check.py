@@ -23,8 +23,9 @@ that the whole run stays under 8 minutes):
 6. ``paths`` (run right after ``gpu-tests``): the Triton backend's two paths
    (``ops/dispatch.py``), fused kernel vs cuBLAS GEMM + rank-1 kernels, next to the frozen
    ``nn.Linear``: forward and backward times per shape (CUDA events), and a race check: many
-   launches of the fused path on large (and ragged) shapes, each compared with the cuBLAS
-   path's result within the dtype's tolerance (``paths_cuda.json``).
+   launches of the fused path with every candidate GEMM config forced in turn, on large (and
+   ragged) shapes, each compared with the cuBLAS path's result within the dtype's tolerance
+   (``paths_cuda.json``).
 
 Each step's output is in ``<step>.log``, its status and time in ``steps.json``. Last, the summary
 (``summarize``: a pure function of the files in the folder) goes to ``summary.json`` and
@@ -93,7 +94,7 @@ PATH_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 PATH_TOKENS = (16, 2048, 16384)
 PATH_DTYPES = ("bf16",)
 RACE_SHAPES = ((16384, 4096, 11008), (16383, 4095, 4097))
-RACE_LAUNCHES = 20
+RACE_LAUNCHES = 5  # per shape, op and candidate config (6 on sm_90)
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 # Files of an earlier run in the same folder: replaced, so that no stale result is summarised.
@@ -414,24 +415,38 @@ def path_timings(
 def race_check(
     shapes=RACE_SHAPES, launches=RACE_LAUNCHES, dtype="bf16", device="cuda"
 ) -> dict[str, Any]:
-    """``launches`` fused forwards and backwards per shape, back to back, each compared with the
-    cuBLAS path's result (computed once) within the dtype's tolerance; a race in the fused
-    kernels (a tile read before its writer finished, a lost partial row) shows as a mismatch."""
+    """``launches`` fused forwards and backwards per shape and per candidate GEMM config (each
+    forced in turn, not only the autotuner's pick), back to back, each compared with the cuBLAS
+    path's result (computed once) within the dtype's tolerance; a race in the fused kernels (a
+    tile read before its writer finished) shows as a mismatch."""
     import torch
 
+    from xgblora_fast.kernels.rank1_gemm import forced_config, gemm_configs
     from xgblora_fast.ops.dispatch import agreement
 
     worst, failures, total = 0.0, [], 0
     tolerance = None
+    configs = gemm_configs()
     for n, k, m in shapes:
         layer = _layer(n, k, m, dtype, device, seed=n + k + m)
         for op, runners in _path_runners(layer).items():
             reference = runners["cublas"]()
-            for i in range(launches):
-                agree, err, tolerance = agreement(runners["fused"](), reference, layer[0].dtype)
-                worst, total = max(worst, err), total + 1
-                if not agree:
-                    failures.append({"shape": f"{n}x{k}x{m}", "op": op, "launch": i, "error": err})
+            for config in configs:
+                with forced_config(config):
+                    for i in range(launches):
+                        fused = runners["fused"]()
+                        agree, err, tolerance = agreement(fused, reference, layer[0].dtype)
+                        worst, total = max(worst, err), total + 1
+                        if not agree:
+                            failures.append(
+                                {
+                                    "shape": f"{n}x{k}x{m}",
+                                    "op": op,
+                                    "config": str(config),
+                                    "launch": i,
+                                    "error": err,
+                                }
+                            )
             del reference
         del layer
         if device == "cuda":

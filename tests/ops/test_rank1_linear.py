@@ -258,3 +258,51 @@ def test_triton_fma_row_dot_of_sm80_matches_the_dot_row_dot(dtype, monkeypatch):
     for name, ref in grads_ref.items():
         assert rel_err(grads_fma[name], ref) < TOL[dtype], name
         assert rel_err(grads_fma[name], grads_dot[name].double()) < TOL[dtype], name
+
+
+def test_forced_config_launches_that_config_and_stays_accurate(monkeypatch):
+    """``forced_config`` (the GPU race check's way to run every candidate): the launch takes the
+    given blocks instead of the autotuner's pick, the result still matches float64, and the
+    block's end restores autotuning."""
+    from xgblora_fast.kernels import rank1_gemm
+
+    g = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(37, 70, generator=g), torch.randn(50, 70, generator=g)
+    a, b = torch.randn(70, generator=g), torch.randn(50, generator=g)
+    ref = x.double() @ weight.double().t() + 0.5 * torch.outer(x.double() @ a.double(), b.double())
+    launched = []
+
+    class Recording:
+        """The JIT function under the autotuner, recording direct ``fn[grid](...)`` launches
+        (the autotuner itself calls ``fn.run``, passed through)."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getattr__(self, name):
+            return getattr(self.fn, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs)
+                return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(
+        rank1_gemm.rank1_gemm_kernel, "fn", Recording(rank1_gemm.rank1_gemm_kernel.fn)
+    )
+    forced = rank1_gemm._cfg(16, 16, 16, 4, 1, group=1)
+    with rank1_gemm.forced_config(forced):
+        y, _ = rank1_gemm.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
+    assert len(launched) == 1
+    assert {k: launched[0][k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")} == {
+        "BLOCK_N": 16,
+        "BLOCK_M": 16,
+        "BLOCK_K": 16,
+        "GROUP_N": 1,
+    }
+    assert rel_err(y, ref) < TOL[torch.float32]
+    y_tuned, _ = rank1_gemm.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
+    assert len(launched) == 1  # autotuned again: the forced path was not taken
+    assert rel_err(y_tuned, ref) < TOL[torch.float32]

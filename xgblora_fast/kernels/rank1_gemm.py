@@ -44,6 +44,9 @@ bf16 tiles are upcast right after loading (bf16 arithmetic is broken there, trit
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -280,6 +283,22 @@ def rank1_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
+# A config every launch of rank1_gemm_triton uses instead of the autotuner's pick (None: tune).
+_forced_config: triton.Config | None = None
+
+
+@contextlib.contextmanager
+def forced_config(config: triton.Config) -> Iterator[None]:
+    """Inside the block, ``rank1_gemm_triton`` launches ``config`` instead of autotuning: the
+    race check of ``bench/gpu_check.py`` runs every candidate config this way."""
+    global _forced_config
+    previous, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = previous
+
+
 def rank1_gemm_triton(
     inp: torch.Tensor,
     b_matrix: torch.Tensor,
@@ -320,7 +339,15 @@ def rank1_gemm_triton(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]),
     )
-    rank1_gemm_kernel[grid](
+    kernel, launch_options = rank1_gemm_kernel, {}
+    if _forced_config is not None:
+        kernel = rank1_gemm_kernel.fn  # the kernel under the autotuner
+        launch_options = dict(
+            _forced_config.kwargs,
+            num_warps=_forced_config.num_warps,
+            num_stages=_forced_config.num_stages,
+        )
+    kernel[grid](
         inp,
         b_matrix,
         vin_split if vin_split is not None else dummy,
@@ -349,5 +376,6 @@ def rank1_gemm_triton(
         VCOLS=VIN_COLS,
         VSTORED=VIN_STORED,
         ROWDOT_DOT=as_dot,
+        **launch_options,
     )
     return out, computed
