@@ -11,8 +11,6 @@ import pytest
 import torch
 from offline_models import tiny_llama
 from process_group import free_port
-
-pytest.importorskip("trl")
 from sft_recipe import sft_config, text_dataset, tiny_tokenizer
 from trl import SFTTrainer
 

@@ -44,9 +44,7 @@ import torch.nn as nn
 
 from xgblora_fast.distributed import agree_across_ranks, verify_replicas
 from xgblora_fast.gradient_probe import (
-    SKETCH_PROBES,
     GradientProbe,
-    _mean_over_ranks,
     top_singular_pair,
 )
 from xgblora_fast.layer import INITS, FastRank1Linear, is_dtensor, local_rows
@@ -759,23 +757,19 @@ class Booster:
         self._init_probe = None
 
     def _unit_score_tensors(self) -> tuple[list[str], list[torch.Tensor]] | None:
-        """``(layers, |G omega|^2 summed over the probes)`` from the last step's sketch, on the
-        device (``GradientProbe.squared_norms`` without its host reads); None if none was taken.
-        """
+        """``(layers, |G|_F^2 estimates)`` from the last step's sketch, on the device; None if
+        none was taken."""
         probe = self._norm_probe
         if probe is None or not probe.captured:
             return None
-        names = list(probe.sketches)
-        # |mean_r G_r omega|^2 needs the averaged vectors: one collective over every layer's.
-        flat = _mean_over_ranks(torch.cat([probe.sketches[n].flatten() for n in names]))
-        chunks = flat.split([probe.sketches[n].numel() for n in names])
-        return names, [c.square().sum() for c in chunks]
+        squared = probe.squared_norm_tensors()
+        return list(squared), list(squared.values())
 
-    def _unit_scores_from(self, names: list[str], sums: list[float]) -> dict[str, float]:
+    def _unit_scores_from(self, names: list[str], squared: list[float]) -> dict[str, float]:
         """Each unit's gradient norm from the values of ``_unit_score_tensors``."""
-        squared = {n: v / SKETCH_PROBES for n, v in zip(names, sums, strict=True)}
+        by_layer = dict(zip(names, squared, strict=True))
         return {
-            unit: math.sqrt(sum(squared[m] for m in members))
+            unit: math.sqrt(sum(by_layer[m] for m in members))
             for unit, members in self.units.items()
         }
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from xgblora_fast.ops.autocast import autocast_off
 from xgblora_fast.ops.backend import resolve_backend
+from xgblora_fast.ops.checks import host_values
 
 SKETCH_PROBES = 4  # random directions per layer for the norm estimate (relative sd ~ 1/sqrt(8))
 
@@ -175,16 +176,20 @@ class GradientProbe:
             return len(self.sketches) == len(self._omega)
         return all(self.pairs.values())
 
-    def squared_norms(self) -> dict[str, float]:
-        """Estimates of ``|G|_F^2`` per layer (averaged over ranks) from the sketches."""
+    def squared_norm_tensors(self) -> dict[str, torch.Tensor]:
+        """Estimates of ``|G|_F^2`` per layer (averaged over ranks) from the sketches, as 0-d
+        tensors on the device (no host read: a round end reads them with its other values)."""
         names = list(self.sketches)
         # |mean_r G_r omega|^2 needs the averaged vectors, not the ranks' norms: one collective
         # over every layer's G Omega.
         flat = _mean_over_ranks(torch.cat([self.sketches[n].flatten() for n in names]))
         chunks = flat.split([self.sketches[n].numel() for n in names])
-        return {
-            n: float(c.square().sum()) / SKETCH_PROBES for n, c in zip(names, chunks, strict=True)
-        }
+        return {n: c.square().sum() / SKETCH_PROBES for n, c in zip(names, chunks, strict=True)}
+
+    def squared_norms(self) -> dict[str, float]:
+        """``squared_norm_tensors`` as floats (one host read)."""
+        tensors = self.squared_norm_tensors()
+        return dict(zip(tensors, host_values(*tensors.values()), strict=True))
 
     def gradient(self, name: str, backend: str = "auto") -> LayerGradient:
         return LayerGradient(self.pairs[name], backend)

@@ -305,3 +305,14 @@ def test_a_failing_fused_path_falls_back_to_cublas(tmp_path, caplog):
     assert "no kernel for this GPU" in caplog.text and h.timed == []
     (entry,) = json.loads((tmp_path / CACHE_FILE).read_text()).values()
     assert entry["choices"][KEY]["failed"] == "RuntimeError"
+
+
+def test_device_description_is_read_once_per_device(tmp_path):
+    """The driver version comes from a file: a call after the first asks nothing of the device
+    (it is on the path of every forward and backward)."""
+    h = Harness(tmp_path)
+    asked = []
+    h.selector.device_info = lambda device: asked.append(device) or dict(H100)
+    for n in (4096, 4096, 2048, 1024):
+        h.choose(key=bucket_key("forward", torch.bfloat16, n, 64, 64), n=n)
+    assert asked == [CUDA]

@@ -161,17 +161,15 @@ def host_values(*tensors: torch.Tensor) -> list[float]:
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    out: list[float] = [0.0] * sum(t.numel() for t in tensors)
-    starts = [0]
-    for t in tensors:
-        starts.append(starts[-1] + t.numel())
+    values: list[list[float]] = [[] for _ in tensors]
     for indices in by_device.values():
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-        values = iter(flat.tolist())
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices]).tolist()
+        start = 0
         for i in indices:
-            for j in range(starts[i], starts[i + 1]):
-                out[j] = float(next(values))
-    return out
+            stop = start + tensors[i].numel()
+            values[i] = flat[start:stop]
+            start = stop
+    return [float(v) for chunk in values for v in chunk]
 
 
 def abs_max_tensor(t: torch.Tensor) -> torch.Tensor:

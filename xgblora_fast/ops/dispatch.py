@@ -172,6 +172,8 @@ class PathSelector:
         self.device_info = device_info
         self.cache_path = cache_path
         self.decisions: dict[tuple[str, str], str] = {}
+        # device_info per device, asked once: it reads the driver version from a file.
+        self._infos: dict[torch.device, dict[str, str]] = {}
         self._lock = threading.Lock()
 
     # --- the on-disk cache -----------------------------------------------------------------
@@ -285,7 +287,9 @@ class PathSelector:
             return "fused"
         if n <= DECODE_MAX_N:
             return "cublas"
-        info = self.device_info(device)
+        info = self._infos.get(device)
+        if info is None:
+            info = self._infos[device] = self.device_info(device)
         memo = (self._device_id(info), key)
         path = self.decisions.get(memo)
         if path is not None:
