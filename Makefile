@@ -64,7 +64,7 @@ gpu-check:
 	$(PY) bench/gpu_check.py $(if $(OUT),--out $(OUT))
 
 inspect: $(STAMP)
-	$(PY) -m xgblora_fast.inspect
+	$(PY) -m xgblora_fast.tools.kernel_report
 
 # The CUDA C++ fallback (csrc/) for sm_80 + sm_90 with nvcc, no GPU needed; cached in
 # .cache/native/cuda, where the tests build it too (ninja redoes only what changed).

@@ -421,7 +421,7 @@ def race_check(
     tile read before its writer finished) shows as a mismatch."""
     import torch
 
-    from xgblora_fast.kernels.rank1_gemm import forced_config, gemm_configs
+    from xgblora_fast.kernels.rank1_linear import forced_config, gemm_configs
     from xgblora_fast.ops.dispatch import agreement
 
     worst, failures, total = 0.0, [], 0

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from xgblora_fast import finetune
+from xgblora_fast.cli import finetune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOP = 5  # coordinates counted in the concentration share

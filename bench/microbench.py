@@ -73,10 +73,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import xgblora_fast as xf
-from xgblora_fast import roofline
 from xgblora_fast.ops.checks import abs_max
 from xgblora_fast.ops.merge import merge_with_bound_
-from xgblora_fast.roofline import (
+from xgblora_fast.tools import roofline
+from xgblora_fast.tools.roofline import (
     PROVIDER_COPY,
     PROVIDER_FLOOR,
     PROVIDER_PEFT_R1,

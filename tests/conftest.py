@@ -62,7 +62,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """Tiny BERT body and GPT-2 folders with a tokenizer (``offline_models.build_tiny_models``)."""
-    from offline_models import build_tiny_models
+    from helpers.offline_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
@@ -70,6 +70,6 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory):
     """A toy sentiment CSV (``offline_models.write_sentiment_csv``)."""
-    from offline_models import write_sentiment_csv
+    from helpers.offline_models import write_sentiment_csv
 
     return write_sentiment_csv(tmp_path_factory.mktemp("data") / "train.csv")

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import xgblora_fast as xf
-from xgblora_fast.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from xgblora_fast.boosting.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 VOCAB = 40
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48}

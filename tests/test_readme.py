@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from offline_models import LLAMA_VOCAB, tiny_llama
-from sft_recipe import text_dataset, tiny_tokenizer
+from helpers.offline_models import LLAMA_VOCAB, tiny_llama
+from helpers.sft_recipe import text_dataset, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import xgblora_fast as xf
-from xgblora_fast.finetune import DEFAULT_LR, FinetuneConfig
+from xgblora_fast.cli.finetune import DEFAULT_LR, FinetuneConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL_PATH = "path/to/model"

@@ -9,13 +9,15 @@ xf.export_lora(booster, "adapter")                       # the fine-tune as a pe
 xf.eject(model)                                          # plain nn.Linear again
 """
 
-from xgblora_fast.boosting import Booster, XGBLoRAConfig
-from xgblora_fast.checkpoint import load_checkpoint, save_checkpoint
-from xgblora_fast.export import export_lora, unmerge_
-from xgblora_fast.layer import FastRank1Linear
+from xgblora_fast.boosting.booster import Booster
+from xgblora_fast.boosting.checkpoint import load_checkpoint, save_checkpoint
+from xgblora_fast.boosting.config import XGBLoRAConfig
+from xgblora_fast.boosting.distributed import verify_replicas
+from xgblora_fast.boosting.export import export_lora, unmerge_
+from xgblora_fast.nn.layer import FastRank1Linear
+from xgblora_fast.nn.patching import eject, inject
 from xgblora_fast.ops.merge import merge_
 from xgblora_fast.ops.rank1_linear import rank1_linear
-from xgblora_fast.patching import eject, inject
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,5 @@ __all__ = [
     "rank1_linear",
     "save_checkpoint",
     "unmerge_",
+    "verify_replicas",
 ]

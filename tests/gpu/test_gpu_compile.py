@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kernel_checks import GPU_MARKS
+from helpers.kernel_checks import GPU_MARKS
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xgblora_fast as xf

@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 import triton.language as tl
-from kernel_checks import (
+from helpers.kernel_checks import (
     GPU_MARKS,
     TOL,
     autocast_parity,
@@ -324,7 +324,7 @@ def test_rng_and_rounding_kernels_match_their_torch_twins(dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_cublas_path_matches_float64_reference(dtype, shape, with_bias, record_error, monkeypatch):
-    """cuBLAS GEMMs + the rank-1 kernels of kernels/rank1_parts.py (XGBLORA_FAST_PATH=cublas)."""
+    """cuBLAS GEMMs + the rank-1 kernels of kernels/rank1_linear_parts.py (the cublas path)."""
     monkeypatch.setenv("XGBLORA_FAST_PATH", "cublas")
     lead, K, M = shape
     x, weight, bias, a, b, dy = make_inputs(lead, K, M, dtype, with_bias, seed=K * M + 3)
@@ -390,7 +390,7 @@ def test_auto_times_both_paths_once_and_caches_the_choice(tmp_path, monkeypatch)
 
 def test_weighted_colsum_column_major_past_2_31_elements():
     """A column-major [N, C] view with N * C > 2^31: column offsets c * N pass int32."""
-    from xgblora_fast.kernels.rank1_parts import colsum_triton
+    from xgblora_fast.kernels.rank1_linear_parts import colsum_triton
     from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
 
     n, c = 65536, 32769  # N * C = 2^31 + 2^16 bf16 elements: 4.3 GB

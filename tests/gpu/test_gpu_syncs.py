@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from kernel_checks import GPU_MARKS
+from helpers.kernel_checks import GPU_MARKS
 
 import xgblora_fast as xf
 from xgblora_fast.ops import checks

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from kernel_checks import TOL, autocast_parity, float64_reference, make_inputs, rel_err
+from helpers.kernel_checks import TOL, autocast_parity, float64_reference, make_inputs, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xgblora_fast as xf

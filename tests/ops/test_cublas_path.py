@@ -1,15 +1,16 @@
-"""The Triton backend's "cublas" path (GEMMs by torch, rank-1 parts by ``kernels/rank1_parts.py``)
-against float64, through the Triton interpreter: outputs and every gradient, and its kernels."""
+"""The Triton backend's "cublas" path (GEMMs by torch, rank-1 parts by
+``kernels/rank1_linear_parts.py``) against float64, through the Triton interpreter: outputs,
+every gradient, and its kernels."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_checks import TOL, float64_reference, make_inputs, rel_err
+from helpers.kernel_checks import TOL, float64_reference, make_inputs, rel_err
 
 import xgblora_fast as xf
-from xgblora_fast.kernels import rank1_parts
-from xgblora_fast.kernels.rank1_parts import (
+from xgblora_fast.kernels import rank1_linear_parts as parts_kernels
+from xgblora_fast.kernels.rank1_linear_parts import (
     colsum_triton,
     rank1_epilogue_,
     rank1_outer,
@@ -46,8 +47,8 @@ def run_op(x, weight, bias, a, b, scale, dy, dropout=0.0):
 
 def test_the_cublas_path_is_what_runs(monkeypatch):
     calls = []
-    real = rank1_parts.rank1_epilogue_
-    monkeypatch.setattr(rank1_parts, "rank1_epilogue_", lambda *a: calls.append(1) or real(*a))
+    real = parts_kernels.rank1_epilogue_
+    monkeypatch.setattr(parts_kernels, "rank1_epilogue_", lambda *a: calls.append(1) or real(*a))
     x, weight, bias, a, b, dy = make_inputs((5,), 12, 9, torch.float32, True, seed=0)
     run_op(x, weight, bias, a, b, 1.0, dy)
     assert len(calls) == 2  # forward y += s u b^T, backward dx += s v a^T

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from kernel_checks import make_inputs, rel_err
-from process_group import free_port, leave_process_group
+from helpers.kernel_checks import make_inputs, rel_err
+from helpers.process_group import free_port, leave_process_group
 
 import xgblora_fast as xf
 from xgblora_fast.ops import dispatch

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import triton.language as tl
-from kernel_checks import bits_of, compensation_like, hash_and_round_kernel, rel_err
+from helpers.kernel_checks import bits_of, compensation_like, hash_and_round_kernel, rel_err
 
 import xgblora_fast as xf
 from xgblora_fast.ops import reference

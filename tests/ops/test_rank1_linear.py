@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_checks import TOL, float64_reference, make_inputs, rel_err
+from helpers.kernel_checks import TOL, float64_reference, make_inputs, rel_err
 
 import xgblora_fast as xf
 from xgblora_fast.ops.rank1_linear import rank1_linear_fwd
@@ -185,7 +185,7 @@ class _CountingLaunches:
 @pytest.mark.parametrize("dy_layout", ["contiguous", "strided", "broadcast"])
 def test_triton_backward_db_and_dbias_do_not_depend_on_the_dx_gemm(dtype, dy_layout, monkeypatch):
     """db and dbias come from one ``weighted_colsum_kernel`` pass over dy of their own (the dx
-    GEMM's tiles feed only tl.dot, kernels/rank1_gemm.py), so they are bit for bit the same
+    GEMM's tiles feed only tl.dot, kernels/rank1_linear.py), so they are bit for bit the same
     whether dx is computed, with or without dropout, and match the float64 sums. N=50 and 70
     columns span several ragged row blocks and K chunks."""
     from xgblora_fast.kernels import rank1_reduce
@@ -232,7 +232,7 @@ def test_triton_backward_db_and_dbias_do_not_depend_on_the_dx_gemm(dtype, dy_lay
 def test_split_vector_parts_sum_to_the_fp32_vector(dtype, magnitude):
     """The row-dot source of the sm_90 GEMM: 3 parts in the input dtype and their fp32 scales
     give back the fp32 vector (to fp32's 24 bits), fp16's range included."""
-    from xgblora_fast.kernels.rank1_gemm import split_vector
+    from xgblora_fast.kernels.rank1_linear import split_vector
 
     v = torch.randn(1500, generator=torch.Generator().manual_seed(4)) * magnitude
     parts, unscale = split_vector(v, dtype, exact_fp32=False)
@@ -244,13 +244,13 @@ def test_split_vector_parts_sum_to_the_fp32_vector(dtype, magnitude):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_fma_row_dot_of_sm80_matches_the_dot_row_dot(dtype, monkeypatch):
-    """sm_80 keeps the row dot as FMAs on the A tile (rank1_gemm.rowdot_as_dot): the same
+    """sm_80 keeps the row dot as FMAs on the A tile (gemm_kernels.rowdot_as_dot): the same
     outputs and gradients as the tl.dot row dot the interpreter runs by default."""
-    from xgblora_fast.kernels import rank1_gemm
+    from xgblora_fast.kernels import rank1_linear as gemm_kernels
 
     x, weight, bias, a, b, dy = make_inputs((37,), 70, 50, dtype, True, seed=9)
     y_dot, grads_dot = run_op(x, weight, bias, a, b, 0.75, dy, "triton")
-    monkeypatch.setattr(rank1_gemm, "rowdot_as_dot", lambda capability: False)
+    monkeypatch.setattr(gemm_kernels, "rowdot_as_dot", lambda capability: False)
     y_fma, grads_fma = run_op(x, weight, bias, a, b, 0.75, dy, "triton")
     y_ref, grads_ref = float64_reference(x, weight, bias, a, b, 0.75, dy)
     assert rel_err(y_fma, y_ref) < TOL[dtype]
@@ -264,7 +264,7 @@ def test_forced_config_launches_that_config_and_stays_accurate(monkeypatch):
     """``forced_config`` (the GPU race check's way to run every candidate): the launch takes the
     given blocks instead of the autotuner's pick, the result still matches float64, and the
     block's end restores autotuning."""
-    from xgblora_fast.kernels import rank1_gemm
+    from xgblora_fast.kernels import rank1_linear as gemm_kernels
 
     g = torch.Generator().manual_seed(5)
     x, weight = torch.randn(37, 70, generator=g), torch.randn(50, 70, generator=g)
@@ -290,11 +290,11 @@ def test_forced_config_launches_that_config_and_stays_accurate(monkeypatch):
             return launch
 
     monkeypatch.setattr(
-        rank1_gemm.rank1_gemm_kernel, "fn", Recording(rank1_gemm.rank1_gemm_kernel.fn)
+        gemm_kernels.rank1_gemm_kernel, "fn", Recording(gemm_kernels.rank1_gemm_kernel.fn)
     )
-    forced = rank1_gemm._cfg(16, 16, 16, 4, 1, group=1)
-    with rank1_gemm.forced_config(forced):
-        y, _ = rank1_gemm.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
+    forced = gemm_kernels._cfg(16, 16, 16, 4, 1, group=1)
+    with gemm_kernels.forced_config(forced):
+        y, _ = gemm_kernels.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
     assert len(launched) == 1
     assert {k: launched[0][k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")} == {
         "BLOCK_N": 16,
@@ -303,6 +303,6 @@ def test_forced_config_launches_that_config_and_stays_accurate(monkeypatch):
         "GROUP_N": 1,
     }
     assert rel_err(y, ref) < TOL[torch.float32]
-    y_tuned, _ = rank1_gemm.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
+    y_tuned, _ = gemm_kernels.rank1_gemm_triton(x, weight, None, 0.5, vin=a, vout=b)
     assert len(launched) == 1  # autotuned again: the forced path was not taken
     assert rel_err(y_tuned, ref) < TOL[torch.float32]

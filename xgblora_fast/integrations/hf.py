@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from xgblora_fast.boosting import Booster, XGBLoRAConfig
-from xgblora_fast.checkpoint import load_structure, save_structure
+from xgblora_fast.boosting.booster import Booster
+from xgblora_fast.boosting.checkpoint import load_structure, save_structure
+from xgblora_fast.boosting.config import XGBLoRAConfig
 
 STATE_NAME = "xgblora_booster"
 

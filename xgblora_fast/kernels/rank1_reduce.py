@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from xgblora_fast.kernels import reduce_launch
-from xgblora_fast.kernels.rank1_parts import tile_offsets
+from xgblora_fast.kernels.rank1_linear_parts import tile_offsets
 from xgblora_fast.kernels.runtime import INTERPRET
 
 REDUCE_BLOCK_N = reduce_launch.BLOCK_N

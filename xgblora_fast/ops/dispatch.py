@@ -1,10 +1,10 @@
 """Which path of the Triton backend runs an op: ``"fused"`` or ``"cublas"``.
 
 - ``fused``: one Triton GEMM kernel with the rank-1 terms in its main loop and epilogue
-  (``kernels/rank1_gemm.py``).
+  (``kernels/rank1_linear.py``).
 - ``cublas``: the GEMMs by cuBLAS (``F.linear``/``mm``, exactly what a frozen ``nn.Linear``
-  runs) plus small Triton kernels for the rank-1 parts (``kernels/rank1_parts.py``): never more
-  than those small passes behind ``nn.Linear``.
+  runs) plus small Triton kernels for the rank-1 parts (``kernels/rank1_linear_parts.py``):
+  never more than those small passes behind ``nn.Linear``.
 
 ``backend="triton"`` runs the fused path. ``backend="auto"`` on CUDA picks per (GPU, dtype, op,
 shape bucket) on first use: both paths run once on the real inputs and are timed (CUDA events);

@@ -2,7 +2,7 @@
 
 Two custom ops (forward, backward) with fake implementations, so ``torch.compile(fullgraph=True)``
 traces through them without graph breaks; ``register_autograd`` ties them together. Each op
-dispatches at run time to the Triton kernels (``kernels/rank1_gemm.py``,
+dispatches at run time to the Triton kernels (``kernels/rank1_linear.py``,
 ``kernels/rank1_reduce.py``), the CUDA C++ extension, or the PyTorch reference.
 
 Saved for backward: ``x``, ``u = x.a`` (N floats), ``a``, ``b`` and ``W`` (a reference, not a
@@ -38,8 +38,8 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
-    from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
-    from xgblora_fast.kernels.rank1_parts import rowdot_triton
+    from xgblora_fast.kernels.rank1_linear import rank1_gemm_triton
+    from xgblora_fast.kernels.rank1_linear_parts import rowdot_triton
 
     if x_adapter is None:
         return rank1_gemm_triton(x, weight, bias, scale, vin=a, vout=b)
@@ -49,8 +49,8 @@ def _forward_triton(x, weight, bias, a, b, scale, x_adapter):
 
 
 def _backward_triton(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
-    from xgblora_fast.kernels.rank1_gemm import rank1_gemm_triton
-    from xgblora_fast.kernels.rank1_parts import rank1_outer, rowdot_triton
+    from xgblora_fast.kernels.rank1_linear import rank1_gemm_triton
+    from xgblora_fast.kernels.rank1_linear_parts import rank1_outer, rowdot_triton
 
     dx = dx_adapter = None
     v = None
@@ -73,10 +73,10 @@ def _adapter_gradients(dy, x, u, v, scale, x_adapter, need_dab, need_dbias):
 
     ``da = s x^T v`` is one pass over x; ``db = s dy^T u`` and ``dbias = dy^T 1`` one pass over
     dy of their own, not folded into the dx GEMM (whose tiles feed only ``tl.dot``,
-    ``kernels/rank1_gemm.py``): the summation order is the reduction's, whatever config the
+    ``kernels/rank1_linear.py``): the summation order is the reduction's, whatever config the
     GEMM's autotuner picked.
     """
-    from xgblora_fast.kernels.rank1_parts import colsum_triton
+    from xgblora_fast.kernels.rank1_linear_parts import colsum_triton
     from xgblora_fast.kernels.rank1_reduce import weighted_colsum_triton
 
     if not need_dab:
@@ -109,7 +109,7 @@ def _forward_cublas(x, weight, bias, a, b, scale, x_adapter):
     ``u = x_adapter a`` by a Triton row dot (fp32 accumulation, no fp32 copy of x); the rank-1
     epilogue reads and writes y once.
     """
-    from xgblora_fast.kernels.rank1_parts import rank1_epilogue_, rowdot_triton
+    from xgblora_fast.kernels.rank1_linear_parts import rank1_epilogue_, rowdot_triton
 
     u = rowdot_triton(x if x_adapter is None else x_adapter, a)
     y = F.linear(x, weight, bias)
@@ -119,7 +119,7 @@ def _forward_cublas(x, weight, bias, a, b, scale, x_adapter):
 def _backward_cublas(dy, x, weight, a, b, u, scale, x_adapter, need_dx, need_dab, need_dbias):
     """The "cublas" path's backward: ``dx = dy W`` by cuBLAS (+ ``s v a^T`` in place), the
     row dot ``v = dy b`` and the column reductions ``da``, ``db``, ``dbias`` by Triton."""
-    from xgblora_fast.kernels.rank1_parts import (
+    from xgblora_fast.kernels.rank1_linear_parts import (
         rank1_epilogue_,
         rank1_outer,
         rowdot_triton,

@@ -1,0 +1,1 @@
+"""Boosting: the config, the ``Booster`` that runs rounds, merge records, checkpoints."""

@@ -1,0 +1,1 @@
+"""The ``xgblora-fast`` command line: ``finetune`` and its data loading."""
