@@ -11,10 +11,11 @@ shapes, fp32 on CPU. Every provider is checked against the float64 reference bef
 
 from __future__ import annotations
 
-import microbench as mb
+import microbench_providers as mb
 import pytest
+from microbench import QUICK_SHAPES
 
-CASES = [(s.m, s.k, n) for s in mb.QUICK_SHAPES for n in s.tokens]
+CASES = [(s.m, s.k, n) for s in QUICK_SHAPES for n in s.tokens]
 LAYER_PROVIDERS = [
     mb.PROVIDER_FLOOR,
     mb.provider_fused("torch"),

@@ -212,9 +212,9 @@ def measure_ceilings() -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(BENCH))  # bench/ is not a package
-    import microbench as mb
+    import timing
 
-    ceilings = mb.measure_ceilings("cuda", ["bf16"], mb.CudaTimer(rep_ms=50))
+    ceilings = timing.measure_ceilings("cuda", ["bf16"], timing.CudaTimer(rep_ms=50))
     torch.cuda.empty_cache()  # the subprocess steps get the memory back
     return ceilings
 

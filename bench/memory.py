@@ -209,7 +209,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 def merge_job(job: dict[str, Any]) -> dict[str, Any]:
     """One merge of the job's provider on a large ``W``; warmed up on a small one first."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-    import microbench as mb
+    import microbench_providers as mb
 
     from xgblora_fast.ops.checks import check_merge_args
 

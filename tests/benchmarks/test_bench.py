@@ -21,6 +21,9 @@ from xgblora_fast.tools import roofline
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 import microbench as mb  # noqa: E402
+import microbench_providers as mbp  # noqa: E402
+import microbench_report as mbr  # noqa: E402
+import timing  # noqa: E402
 
 ROW_KEYS = {
     "row",
@@ -225,34 +228,34 @@ def test_microbench_tiny_run(tmp_path):
     stem = tmp_path / "microbench_cpu_t"
     with stem.with_suffix(".csv").open() as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == mb.COLUMNS
+        assert tuple(reader.fieldnames) == timing.COLUMNS
         rows = list(reader)
     layer_providers = {
-        mb.PROVIDER_FLOOR,
-        mb.provider_fused("torch"),
-        mb.PROVIDER_PEFT_R1,
-        mb.PROVIDER_PEFT_R8,
-        mb.PROVIDER_UNFUSED,
+        mbp.PROVIDER_FLOOR,
+        mbp.provider_fused("torch"),
+        mbp.PROVIDER_PEFT_R1,
+        mbp.PROVIDER_PEFT_R8,
+        mbp.PROVIDER_UNFUSED,
     }
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["operation"], r["N"]), {})[r["provider"]] = r
         assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
         assert (r["M"], r["K"], r["dtype"], r["device"]) == ("48", "40", "fp32", "cpu")
-    assert set(groups) == {(op, n) for op in mb.LAYER_OPS for n in ("1", "5")} | {("merge", "0")}
+    assert set(groups) == {(op, n) for op in mbp.LAYER_OPS for n in ("1", "5")} | {("merge", "0")}
     for (op, _), by_provider in groups.items():
-        floor = mb.PROVIDER_COPY if op == "merge" else mb.PROVIDER_FLOOR
+        floor = mbp.PROVIDER_COPY if op == "merge" else mbp.PROVIDER_FLOOR
         assert float(by_provider[floor]["ratio_to_floor"]) == 1.0
         if op != "merge":
             assert set(by_provider) == layer_providers
     merge_names = set(groups["merge", "0"])
     assert merge_names == {
-        mb.PROVIDER_COPY,
-        mb.provider_fused("torch"),
-        mb.provider_bound_kept("torch"),
-        mb.PROVIDER_PEFT_R1,
-        mb.PROVIDER_UNFUSED,
-        mb.PROVIDER_NAIVE,
+        mbp.PROVIDER_COPY,
+        mbp.provider_fused("torch"),
+        mbp.provider_bound_kept("torch"),
+        mbp.PROVIDER_PEFT_R1,
+        mbp.PROVIDER_UNFUSED,
+        mbp.PROVIDER_NAIVE,
     }
     data = json.loads(stem.with_suffix(".json").read_text())
     assert len(data["rows"]) == len(rows) and data["meta"]["ceilings"]["copy_gbps"] > 0
@@ -263,25 +266,25 @@ def test_microbench_tiny_run(tmp_path):
 
 
 def test_every_provider_matches_the_reference():
-    problem = mb.make_problem(24, 40, "fp32", "cpu", seed=3)
-    x, dy = mb.make_inputs(problem, 7, 1)[0]
-    for provider in mb.build_providers(problem, "cpu"):
-        errors = mb.check_provider(provider, problem, x, dy)
+    problem = mbp.make_problem(24, 40, "fp32", "cpu", seed=3)
+    x, dy = mbp.make_inputs(problem, 7, 1)[0]
+    for provider in mbp.build_providers(problem, "cpu"):
+        errors = mbp.check_provider(provider, problem, x, dy)
         assert max(errors.values()) < 1e-5, (provider.name, errors)
-        assert ("da" in errors) == (provider.name != mb.PROVIDER_FLOOR)
+        assert ("da" in errors) == (provider.name != mbp.PROVIDER_FLOOR)
 
 
 def test_a_wrong_provider_is_caught_before_timing():
-    problem = mb.make_problem(24, 40, "fp32", "cpu", seed=4)
-    x, dy = mb.make_inputs(problem, 7, 1)[0]
-    wrong = mb.unfused_provider(problem)
-    wrong.module.scale = 1.5 * mb.SCALE  # the reference uses SCALE: y and all grads disagree
+    problem = mbp.make_problem(24, 40, "fp32", "cpu", seed=4)
+    x, dy = mbp.make_inputs(problem, 7, 1)[0]
+    wrong = mbp.unfused_provider(problem)
+    wrong.module.scale = 1.5 * mbp.SCALE  # the reference uses SCALE: y and all grads disagree
     with pytest.raises(AssertionError, match="disagrees with the float64 reference"):
-        mb.check_provider(wrong, problem, x, dy)
-    naive = mb.naive_provider(problem)
-    double = mb.Provider("double merge", None, None, 1, lambda: (naive.merge(), naive.merge()))
+        mbp.check_provider(wrong, problem, x, dy)
+    naive = mbp.naive_provider(problem)
+    double = mbp.Provider("double merge", None, None, 1, lambda: (naive.merge(), naive.merge()))
     with pytest.raises(AssertionError, match="merge disagrees"):
-        mb.check_merge(double, problem)
+        mbp.check_merge(double, problem)
 
 
 def test_goals_on_synthetic_rows():
@@ -296,48 +299,86 @@ def test_goals_on_synthetic_rows():
             "ratio_to_floor": ratio,
         }
 
-    fused = mb.provider_fused("torch")
-    rows = [row("forward+backward", mb.PROVIDER_FLOOR, n, 1.0) for n in (1, 256)]
+    fused = mbp.provider_fused("torch")
+    rows = [row("forward+backward", mbp.PROVIDER_FLOOR, n, 1.0) for n in (1, 256)]
     rows += [row("forward+backward", fused, 1, 1.5), row("forward+backward", fused, 256, 1.05)]
-    rows += [row("forward+backward", mb.PROVIDER_PEFT_R1, n, 1.2) for n in (1, 256)]
+    rows += [row("forward+backward", mbp.PROVIDER_PEFT_R1, n, 1.2) for n in (1, 256)]
     memory = {
         "rows": [
             {"kind": "merge", "provider": fused, "M": 64, "K": 64, "dtype": "fp32"}
             | {"weight_mib": 100.0, "extra_mib": 48.0}
         ]
     }
-    goals = mb.evaluate_goals(rows, {"device": "cpu"}, memory)
+    goals = mbr.evaluate_goals(rows, {"device": "cpu"}, memory)
     assert [held for _, _, held in goals] == [False, True, True]
     assert "worst 1.500 at 64x64 N=1" in goals[0][1]
-    assert mb.evaluate_goals(rows, {"device": "cpu"}, None)[2][2] is None
+    assert mbr.evaluate_goals(rows, {"device": "cpu"}, None)[2][2] is None
 
 
 def test_gpu_merge_goal_is_held_against_the_steady_state_merge():
     """Training merges keep the bound on max|W| (no safety pass): the goal reads that provider."""
-    fused = mb.provider_fused("triton")
+    fused = mbp.provider_fused("triton")
     shape = {"M": 64, "K": 64, "N": 0, "dtype": "bf16", "ratio_to_floor": 1.0}
     rows = [
         {"operation": "merge", "provider": fused, "gbps": 2000.0, **shape},
-        {"operation": "merge", "provider": mb.provider_bound_kept("triton"), **shape}
+        {"operation": "merge", "provider": mbp.provider_bound_kept("triton"), **shape}
         | {"gbps": 2700.0},
     ]
     rows += [
         {"operation": "forward+backward", "provider": p, **shape, "N": 4096}
-        for p in (mb.PROVIDER_FLOOR, fused, mb.PROVIDER_PEFT_R1)
+        for p in (mbp.PROVIDER_FLOOR, fused, mbp.PROVIDER_PEFT_R1)
     ]
     meta = {"device": "cuda", "ceilings": {"copy_gbps": 3000.0}}
-    merge_goal = mb.evaluate_goals(rows, meta, None)[-1]
+    merge_goal = mbr.evaluate_goals(rows, meta, None)[-1]
     assert "W bound kept" in merge_goal[0] and merge_goal[2] is True
     assert "worst 0.900" in merge_goal[1]
     rows[1]["gbps"] = 2400.0
-    assert mb.evaluate_goals(rows, meta, None)[-1][2] is False
+    assert mbr.evaluate_goals(rows, meta, None)[-1][2] is False
 
 
 def test_bound_kept_merge_matches_the_reference():
-    problem = mb.make_problem(24, 40, "fp32", "cpu", seed=5)
-    provider = mb.bound_kept_provider(problem, "torch")
+    problem = mbp.make_problem(24, 40, "fp32", "cpu", seed=5)
+    provider = mbp.bound_kept_provider(problem, "torch")
     for _ in range(2):  # the second merge runs on the bound the first returned
-        assert mb.check_merge(provider, problem) < 1e-6
+        assert mbp.check_merge(provider, problem) < 1e-6
+
+
+def test_rounds_rotate_the_order_and_rows_take_percentiles():
+    class Recorder:
+        """A timer whose samples are given, not measured; it records the order of the calls."""
+
+        def __init__(self) -> None:
+            self.order: list[str] = []
+
+        def calibrate(self, fn) -> int:
+            return 1
+
+        def sample(self, fn, calls: int) -> list[float]:
+            return [fn()]
+
+    timer = Recorder()
+    floor_ms = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    ours_ms = iter([2.0, 4.0, 6.0, 8.0, 10.0])
+
+    def call(name: str, values) -> float:
+        timer.order.append(name)
+        return next(values)
+
+    fns = {"floor": lambda: call("floor", floor_ms), "ours": lambda: call("ours", ours_ms)}
+    samples = timing.time_interleaved(fns, timer, rounds=5)
+    assert timer.order == ["floor", "ours", "ours", "floor"] * 2 + ["floor", "ours"]
+    problem = mbp.make_problem(8, 4, "fp32", "cpu")
+    rows = {
+        r["provider"]: r
+        for r in timing.tidy_rows("forward", samples, "floor", problem, 3, "cpu", "toy")
+    }
+    assert all(tuple(r) == timing.COLUMNS for r in rows.values())
+    ours = rows["ours"]
+    assert (ours["p20_ms"], ours["p50_ms"], ours["p80_ms"]) == pytest.approx((3.6, 6.0, 8.4))
+    assert ours["ratio_to_floor"] == pytest.approx(2.0) and rows["floor"]["ratio_to_floor"] == 1.0
+    flops, nbytes = roofline.operation_cost("forward", 3, 4, 8, 4)
+    assert ours["tflops"] == pytest.approx(flops / 6e-3 / 1e12)
+    assert ours["gbps"] == pytest.approx(nbytes / 6e-3 / 1e9) and ours["samples"] == 5
 
 
 # ------------------------------------------------------------------------------------ scripts

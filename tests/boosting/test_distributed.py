@@ -26,6 +26,7 @@ from torch.distributed.tensor import Replicate, distribute_tensor
 
 import xgblora_fast as xf
 from xgblora_fast.boosting.distributed import verify_replicas, weights_checksum
+from xgblora_fast.boosting.strategies import Redraw
 
 WIDTH = 16
 KAPPA = 2
@@ -264,7 +265,7 @@ def _refusals(mesh) -> dict[str, str]:
     refused = {}
     for what, call in (
         ("kahan", lambda: sharded.merge_("kahan")),
-        ("next_a", lambda: sharded.merge_(keep_a=True, next_a=torch.ones(6))),
+        ("redraw", lambda: Redraw().plan(sharded, 1.0, 0.5, torch.Generator())),
         ("merged_weight", sharded.merged_weight),
         ("to_linear", sharded.to_linear),
         ("replicate", lambda: replicated.merge_("stochastic", seed=3)),
@@ -309,7 +310,7 @@ def test_fsdp2_boosting_gathers_the_single_process_weights_bit_for_bit(tmp_path)
         assert r["weights_guided"] == single_guided
         refused = r["refused"]
         assert "FSDP2-sharded weight" in refused["kahan"]
-        assert "next_a on an FSDP2-sharded weight" in refused["next_a"]
+        assert "booster_init='redraw' on an FSDP2-sharded weight" in refused["redraw"]
         assert "full_tensor()" in refused["merged_weight"]
         assert "full_tensor()" in refused["to_linear"]
         assert "(Replicate(),)" in refused["replicate"]

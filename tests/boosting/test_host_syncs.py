@@ -149,8 +149,9 @@ def test_the_history_and_records_are_those_of_per_layer_reads():
         norms = {}
         for name in booster.active:
             layer = booster.layers[name]
-            direction, step = layer.merge_direction(booster.config.merge_step, 0.9)
-            norms[name] = abs(step * layer.alpha) * float(direction.norm())
+            # Carry with booster_keep 0.9: v = a, t = merge_step * (1 - 0.9).
+            step = booster.config.merge_step * (1 - 0.9)
+            norms[name] = abs(step * layer.alpha) * float(layer.lora_a.norm())
             norms[name] *= float(layer.lora_b.norm())
         expected.append(norms)
         return real(*args, **kwargs)
@@ -221,13 +222,14 @@ def test_merge_with_stats_equals_merge_without(rounding, dtype, monkeypatch):
     layer, twin = merge_pair(rounding, dtype)
     counter = ReadCounter(monkeypatch)
     for step in range(3):  # the first reads W, the later ones use the bound
-        tensors, finish = layer.merge_stats_request(rounding, keep_b=0.5, keep_a=True)
+        a, b = layer.booster_vectors()
+        tensors, finish = layer.merge_stats_request(a, b, 0.5, rounding)
         with counter.counting():
             stats = finish(checks.host_values(*tensors))
-            layer.merge_(rounding, seed=step, keep_a=True, keep_b=0.5, stats=stats)
+            layer.merge_vectors_(a, b, 0.5, rounding, seed=step, stats=stats)
         assert counter.host_values == 1 and counter.other == []
         assert (stats.w_max is not None) == (step == 0)
-        twin.merge_(rounding, seed=step, keep_a=True, keep_b=0.5)
+        twin.merge_vectors_(*twin.booster_vectors(), 0.5, rounding, seed=step)
         assert torch.equal(layer.weight, twin.weight)
         assert layer._weight_bound[2] == twin._weight_bound[2]
         if rounding == "kahan":
@@ -236,13 +238,14 @@ def test_merge_with_stats_equals_merge_without(rounding, dtype, monkeypatch):
 
 def test_stats_of_a_weight_written_since_are_not_trusted():
     layer, _ = merge_pair("nearest", torch.float32)
-    tensors, finish = layer.merge_stats_request()
+    a, b = layer.booster_vectors()
+    tensors, finish = layer.merge_stats_request(a, b)
     stats = finish(checks.host_values(*tensors))
     with torch.no_grad():
         layer.weight[2, 3] = math.nan  # written after the stats were measured
     before = layer.weight.detach().clone()
     with pytest.raises(ValueError, match="weight already contains NaN"):
-        layer.merge_(stats=stats)
+        layer.merge_vectors_(a, b, stats=stats)
     assert torch.isnan(layer.weight[2, 3]) and torch.equal(
         torch.nan_to_num(layer.weight), torch.nan_to_num(before)
     )

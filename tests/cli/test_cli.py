@@ -4,6 +4,8 @@ Each error case runs ``cli.main`` in-process (one runs ``python -m xgblora_fast.
 need a model use the tiny offline folders of ``offline_models`` and stop before any training.
 """
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 from transformers import BertConfig, BertModel
 
 import xgblora_fast as xf
+from xgblora_fast.boosting.config import XGBLoRAConfig
 from xgblora_fast.cli import finetune
 from xgblora_fast.cli import main as cli
 
@@ -280,3 +283,100 @@ def test_a_user_error_from_the_command_line_is_one_line(tiny_folder, tmp_path):
         f"xgblora-fast finetune: error: --data {tmp_path / 'train.csv'} does not exist; "
         "give a .csv, .tsv or .jsonl file"
     ]
+
+
+# ------------------------------------------------------------------ presets and grouped --help
+# The core group's flags: --preset, then the core fields of FinetuneConfig and XGBLoRAConfig.
+CORE_FLAGS = ["--preset", "--model", "--data", "--method", "--steps", "--lr", "--target-modules"]
+CORE_FLAGS += ["--alpha", "--kappa", "--kappa-growth", "--booster-init"]
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    return cli.build_parser()._subparsers._group_actions[0].choices["finetune"]
+
+
+def config_of(*options: str) -> finetune.FinetuneConfig:
+    return cli.config_from_args(cli.build_parser().parse_args(["finetune", *options]))
+
+
+def test_defaults_without_preset_are_unchanged():
+    """No option: the FinetuneConfig the CLI built before presets, every value spelled out."""
+    xgb = XGBLoRAConfig(target_modules=finetune.DEFAULT_TARGETS, alpha=2.0, total_steps=300)
+    before = finetune.FinetuneConfig(
+        model=None,
+        data=None,
+        eval_data=None,
+        task="seq-cls",
+        text_column="text",
+        label_column="label",
+        output="runs/xgblora",
+        method="xgblora",
+        steps=300,
+        batch_size=32,
+        lr=None,
+        head_lr=2e-3,
+        warmup_ratio=0.05,
+        lr_schedule="linear",
+        max_length=64,
+        test_size=0.2,
+        train_limit=None,
+        eval_limit=None,
+        eval_every=100,
+        dtype="float32",
+        seed=0,
+        lora_rank=8,
+        save_every=0,
+        resume=False,
+        stop_after=None,
+        save_model=True,
+        export_lora=None,
+        measure_weight_change=True,
+        xgblora=xgb,
+    )
+    assert config_of() == before == config_of("--preset", "default")
+    assert before == finetune.FinetuneConfig(xgblora=xgb)  # the library's defaults agree
+
+
+def test_preset_paper_and_flags_over_it():
+    paper = XGBLoRAConfig.paper(target_modules=finetune.DEFAULT_TARGETS, alpha=2.0)
+    assert config_of("--preset", "paper").xgblora == dataclasses.replace(paper, total_steps=300)
+    cfg = config_of("--preset", "paper", "--kappa", "7", "--steps", "50", "--seed", "3")
+    assert cfg.xgblora == dataclasses.replace(paper, kappa=7, total_steps=50, seed=3)
+    # A flag given with the default preset's value still overrides the paper's.
+    cfg = config_of("--preset", "paper", "--kappa-growth", "1.5", "--booster-init", "carry")
+    assert (cfg.xgblora.kappa_growth, cfg.xgblora.booster_init) == (1.5, "carry")
+    assert cfg.xgblora.layers_per_round == 0.35 and cfg.xgblora.select == "uniform"
+
+
+def test_an_unknown_preset_is_a_user_error(capsys, common):
+    user_error(capsys, [*common, "--preset", "lora"], "--preset", "invalid choice")
+
+
+def test_flag_help_is_the_field_help_in_core_and_advanced_groups():
+    parser = finetune_parser()
+    fields = {f.name: f for f in dataclasses.fields(XGBLoRAConfig)}
+    fields |= {f.name: f for f in dataclasses.fields(finetune.FinetuneConfig)}  # its --seed
+    groups = {g.title: g for g in parser._action_groups}
+    seen = set()
+    for title in ("core", "advanced"):
+        for action in groups[title]._group_actions:
+            if action.dest == "preset":
+                continue
+            field = fields[action.dest]
+            assert action.help == field.metadata["help"], action.dest
+            assert field.metadata["group"] == title, action.dest
+            seen.add(action.dest)
+    # Every field has its flag there, but the run's length (--steps sets total_steps).
+    assert seen == set(fields) - {"xgblora", "total_steps", "rounds"}
+    assert [a.option_strings[0] for a in groups["core"]._group_actions] == CORE_FLAGS
+    # No config flag is left outside the two groups.
+    for title, group in groups.items():
+        if title not in ("core", "advanced"):
+            assert {a.dest for a in group._group_actions} <= {"help", "debug"}, title
+
+
+def test_help_shows_each_presets_default():
+    text = " ".join(finetune_parser().format_help().split())
+    assert "(default: 1.5; --preset paper: 1.0)" in text  # --kappa-growth
+    assert "(default: carry; --preset paper: random)" in text  # --booster-init
+    assert "(default: 10)" in text  # --kappa: the same in both presets

@@ -157,10 +157,10 @@ def test_from_linear_shares_and_freezes_weight():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize(
-    "keep_a, keep_b", [(False, 0.0), (True, 0.0), (True, 0.3)], ids=["redraw_a", "keep_a", "keep_b"]
-)
-def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a, keep_b):
+@pytest.mark.parametrize("step", [1.0, 0.4])
+def test_merge_preserves_output_and_parameters(backend, with_bias, step):
+    """``merge_(step=t)``: ``W += t s b a^T`` in place, then a fresh booster (``a`` redrawn,
+    ``b = 0``) in the same Parameters; with ``t = 1`` the layer computes what it did."""
     torch.manual_seed(5)
     layer = xf.FastRank1Linear(K, M, bias=with_bias, alpha=1.75, backend=backend)
     random_adapter(layer)
@@ -172,74 +172,49 @@ def test_merge_preserves_output_and_parameters(backend, with_bias, keep_a, keep_
     with torch.no_grad():
         y_before = layer(x)
 
-    generator = torch.Generator().manual_seed(3)
-    layer.merge_(generator=generator, keep_a=keep_a, keep_b=keep_b)
+    layer.merge_(step=step)
 
-    # W += (1 - keep_b) s b a^T in place (same object, same storage), checked in float64.
     assert layer.weight is w_obj and layer.weight.data_ptr() == w_ptr
-    merged = (1 - keep_b) * 1.75 * torch.outer(b_before.double(), a_before.double())
+    merged = step * 1.75 * torch.outer(b_before.double(), a_before.double())
     assert_rel_close(layer.weight, w_before.double() + merged, 1e-6, "merged weight")
-    # The booster is re-initialised in place: b = keep_b * b (0 by default), a fresh (or
-    # kept), same Parameter objects.
     assert layer.lora_a is a_obj and layer.lora_b is b_obj
-    torch.testing.assert_close(layer.lora_b, keep_b * b_before, rtol=0, atol=0)
-    assert torch.count_nonzero(layer.lora_b) == (0 if keep_b == 0 else M)
-    drew = not torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
-    if keep_a:
-        assert torch.equal(layer.lora_a, a_before) and not drew
-    else:
-        assert not torch.equal(layer.lora_a, a_before) and drew
-        assert layer.lora_a.abs().max() <= 1 / math.sqrt(K)
+    assert torch.count_nonzero(layer.lora_b) == 0
+    assert not torch.equal(layer.lora_a, a_before)
+    assert layer.lora_a.abs().max() <= 1 / math.sqrt(K)
     with torch.no_grad():
         y_after = layer(x)
-    assert_rel_close(y_after, y_before, 1e-5, "forward after merge")
-    # Without a kept booster the merged layer is a plain linear layer with the merged weight.
-    if keep_b == 0:
-        torch.testing.assert_close(y_after, F.linear(x, layer.weight, layer.bias))
+    # The fresh booster adds nothing: the layer is a plain linear layer with the merged weight.
+    torch.testing.assert_close(y_after, F.linear(x, layer.weight, layer.bias))
+    if step == 1.0:
+        assert_rel_close(y_after, y_before, 1e-5, "forward after merge")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("keep_b", [0.0, 0.6])
-def test_merge_with_next_a_keeps_the_output_and_moves_the_booster_to_it(backend, keep_b):
-    """W += s b (a - keep_b a')^T, a <- a', b <- keep_b b: the same output, float64-checked."""
-    torch.manual_seed(8)
-    layer = xf.FastRank1Linear(K, M, bias=True, alpha=1.25, backend=backend)
+def test_merge_vectors_adds_any_outer_product_and_leaves_the_booster(backend):
+    """``merge_vectors_(v, u, t)``: ``W += t s u v^T`` for vectors of the caller's, float64-checked;
+    the booster is not touched and no random number is drawn."""
+    torch.manual_seed(9)
+    layer = xf.FastRank1Linear(K, M, alpha=0.75, backend=backend)
     random_adapter(layer)
-    w0, a0, b0 = (t.detach().double().clone() for t in (layer.weight, layer.lora_a, layer.lora_b))
-    next_a = torch.randn(K)
-    direction, step = layer.merge_direction(1.0, keep_b, next_a)
-    x = torch.randn(3, 5, K)
-    with torch.no_grad():
-        y_before = layer(x)
-    layer.merge_(keep_a=True, keep_b=keep_b, next_a=next_a)
-    expected = w0 + 1.25 * torch.outer(b0, a0 - keep_b * next_a.double())
-    assert_rel_close(layer.weight, expected, 1e-6, "merged weight")
-    assert step == 1.0 and torch.allclose(direction.double(), a0 - keep_b * next_a.double())
-    assert torch.equal(layer.lora_a, next_a)
-    torch.testing.assert_close(layer.lora_b, keep_b * layer.lora_b.new_tensor(b0), rtol=0, atol=0)
-    with torch.no_grad():
-        assert_rel_close(layer(x), y_before.double(), 1e-5, "forward after merge")
+    w0 = layer.weight.detach().double().clone()
+    booster = [t.detach().clone() for t in (layer.lora_a, layer.lora_b)]
+    v, u = torch.randn(K), torch.randn(M)
+    rng = torch.get_rng_state()
+    layer.merge_vectors_(v, u, -0.5)
+    assert_rel_close(layer.weight, w0 - 0.375 * torch.outer(u.double(), v.double()), 1e-6, "W")
+    assert torch.equal(layer.lora_a, booster[0]) and torch.equal(layer.lora_b, booster[1])
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.parametrize(
-    "options, match",
-    [
-        (dict(keep_a=False, keep_b=0.5), "keep_b"),
-        (dict(keep_a=True, keep_b=1.0), "keep_b"),
-        (dict(keep_a=True, keep_b=-0.1), "keep_b"),
-        (dict(keep_a=False, next_a=torch.ones(K)), "next_a needs keep_a"),
-        (dict(keep_a=True, keep_b=0.5, next_a=torch.ones(K + 1)), "next_a must have shape"),
-    ],
-)
-def test_merge_refuses_bad_options_before_touching_w(options, match):
+@pytest.mark.parametrize("a_len, b_len", [(K + 1, M), (K, M - 1)], ids=["long_a", "short_b"])
+def test_merge_vectors_refuses_wrong_shapes_before_touching_w(a_len, b_len):
     torch.manual_seed(7)
     layer = xf.FastRank1Linear(K, M, alpha=1.0)
     random_adapter(layer)
-    before = [t.detach().clone() for t in (layer.weight, layer.lora_a, layer.lora_b)]
-    with pytest.raises(ValueError, match=match):
-        layer.merge_(**options)
-    for t, old in zip((layer.weight, layer.lora_a, layer.lora_b), before, strict=True):
-        assert torch.equal(t, old)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"merge vectors must be a \[{K}\] and b \[{M}\]"):
+        layer.merge_vectors_(torch.ones(a_len), torch.ones(b_len))
+    assert torch.equal(layer.weight, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -51,6 +51,7 @@ from xgblora_fast.boosting.gradient_probe import (
     top_singular_pair,
 )
 from xgblora_fast.boosting.records import MergeRecord
+from xgblora_fast.boosting.strategies import strategy_for
 from xgblora_fast.nn.layer import FastRank1Linear, is_dtensor, local_rows
 from xgblora_fast.nn.patching import inject, targeted_names, task_heads
 from xgblora_fast.ops import checks
@@ -202,6 +203,7 @@ class Booster:
         else:
             self.booster_keep = 0.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.strategy = strategy_for(cfg.booster_init)
         self.optimizer: torch.optim.Optimizer | None = None
         self._step_hook = None
         self._init_probe: GradientProbe | None = None
@@ -518,7 +520,6 @@ class Booster:
                 "Call booster.attach(optimizer) before training",
                 stacklevel=3,
             )
-        keep_a = cfg.booster_init in KEEPING_INITS
         # Every value the round end decides on (finite boosters, history norms, unit scores, the
         # merges' safety checks) is measured on the device first and read in ONE transfer: a
         # round end costs one host synchronisation, whatever the number of layers.
@@ -527,19 +528,16 @@ class Booster:
         tensors: list[torch.Tensor] = []
         for name in self.active:
             layer = self.layers[name]
-            whole_a, whole_b = (
-                p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_a, layer.lora_b)
-            )
-            next_a = self._redrawn_a(layer) if cfg.booster_init == "redraw" else None
-            direction, step = layer.merge_direction(cfg.merge_step, keep, next_a)
+            whole_a, whole_b = layer.booster_vectors()
+            plan = self.strategy.plan(layer, cfg.merge_step, keep, self.generator)
             request, finish = layer.merge_stats_request(
-                cfg.rounding, cfg.merge_step, keep, next_a, keep_a
+                plan.direction, whole_b, plan.step, cfg.rounding
             )
             # max |a|, max |b| of the booster (its NaN/Inf check): the merge's own where the same.
-            a_max = request[0] if request and direction is whole_a else abs_max_tensor(whole_a)
+            a_max = request[0] if request and plan.direction is whole_a else abs_max_tensor(whole_a)
             b_max = request[1] if request and whole_b is layer.lora_b else abs_max_tensor(whole_b)
-            own = [a_max, b_max, direction.norm(), whole_b.detach().norm()]
-            plans.append((name, next_a, direction, step, finish, len(own), len(request)))
+            own = [a_max, b_max, plan.direction.norm(), whole_b.detach().norm()]
+            plans.append((name, plan, whole_b, finish, len(own), len(request)))
             tensors += own + request
         scored = self._unit_score_tensors()
         score_names, score_tensors = scored if scored is not None else ([], [])
@@ -565,35 +563,27 @@ class Booster:
         update_norms: dict[str, float] = {}
         relative: dict[str, float] = {}
         at = 0
-        for index, (name, next_a, direction, step, finish, n_own, n_request) in enumerate(plans):
+        for index, (name, plan, whole_b, finish, n_own, n_request) in enumerate(plans):
             layer = self.layers[name]
             direction_norm, b_norm = values[at + 2], values[at + 3]
             stats = finish(values[at + n_own : at + n_own + n_request])
             at += n_own + n_request
-            norm = abs(step * layer.alpha) * direction_norm * b_norm
+            norm = abs(plan.step * layer.alpha) * direction_norm * b_norm
             w_norm = self._base_norms[name]
             update_norms[name] = norm
             relative[name] = norm / w_norm if w_norm > 0 else math.inf
             seed = (cfg.seed * 1_000_003 + self.round * 10_007 + index) % (2**31)
             if cfg.record:  # before the merge, which re-initialises the booster
                 self.records[name].add_vectors(
-                    self.round, step, direction, layer.lora_b, cfg.rounding
+                    self.round, plan.step, plan.direction, layer.lora_b, cfg.rounding
                 )
             try:
-                layer.merge_(
-                    cfg.rounding,
-                    seed,
-                    cfg.merge_step,
-                    self.generator,
-                    keep_a=keep_a,
-                    keep_b=keep,
-                    next_a=next_a,
-                    stats=stats,
-                )
+                layer.merge_vectors_(plan.direction, whole_b, plan.step, cfg.rounding, seed, stats)
             except Exception:
                 if cfg.record:  # a refused merge (W untouched) leaves no record behind
                     self.records[name].remove(len(self.records[name].rounds) - 1)
                 raise
+            self.strategy.restart_(layer, plan, keep, self.generator)
             self._reset_optimizer_state(layer)
             self._touched.add(name)
         trainable = sum(
@@ -622,11 +612,6 @@ class Booster:
         self._loss_count = 0
         if cfg.verify_replicas:
             verify_replicas(self, where=f" after round {self.round - 1}")
-
-    def _redrawn_a(self, layer: FastRank1Linear) -> torch.Tensor:
-        """``booster_init="redraw"``: a fresh seeded ``a`` with the norm of the layer's ``a``."""
-        a = layer.draw_a(self.generator)
-        return a * (layer.lora_a.detach().float().norm() / a.float().norm().clamp_min(1e-30))
 
     def _reset_optimizer_state(self, layer: FastRank1Linear) -> None:
         reset = self.config.optimizer_reset

@@ -26,6 +26,24 @@ DEFAULT_BOOSTER_KEEP = 0.9
 
 # torch.Generator.manual_seed's range.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+# What each preset sets on top of the field defaults ("paper": arXiv 2410.19694's recipe).
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "booster_init": "random",
+        "layers_per_round": 0.35,
+        "select": "uniform",
+        "kappa_growth": 1.0,
+    },
+}
+PRESETS = tuple(PRESET_VALUES)
+GROUPS = ("core", "advanced")
+
+
+def meta(help: str, core: bool = False) -> dict[str, str]:
+    """A config field's ``metadata``: its one-line ``help`` and its ``group`` (``"core"`` or
+    ``"advanced"``), what ``xgblora-fast finetune --help`` shows and how it groups the flag."""
+    return {"help": help, "group": GROUPS[0] if core else GROUPS[1]}
 
 
 def _config_error(kind: type[Exception], name: str, allowed: str, value: object) -> Exception:
@@ -80,131 +98,144 @@ def _check_bool(name: str, value: object) -> None:
 
 @dataclasses.dataclass
 class XGBLoRAConfig:
-    """Every knob of an XGBLoRA run.
+    """Every knob of an XGBLoRA run, checked when built (one-line TypeError/ValueError).
 
-    The defaults are the best measured on the demo task (MiniLM on movie reviews, 3 seeds per
-    budget; the README's accuracy section): every targeted layer in every round, rounds that
-    grow 1.5x from ``kappa=10`` steps (10, 15, 22, 34, ...), and merges that keep each layer's
-    ``a`` and leave 90% of its booster in place (``booster_init="carry"``, ``booster_keep``
-    0.9). The paper's recipe is ``layers_per_round=0.35, kappa_growth=1.0, select="uniform",
-    booster_init="random"``.
-
-    Attributes:
-        target_modules: which linear layers get boosters (peft-style: names/suffixes, a regex,
-            or ``"all-linear"``).
-        alpha: booster scale ``s`` in ``y = x W^T + s (x.a) b^T``.
-        dropout: dropout on the boosters' input.
-        kappa: optimizer steps per round (of round 0, with ``kappa_growth``).
-        kappa_growth: round ``k`` lasts ``round(kappa * kappa_growth**k)`` steps (at least 1):
-            1.0 keeps every round at ``kappa``; above 1 the rounds grow geometrically, so a run
-            of T steps has ``ceil(log(1 + T (g - 1) / kappa) / log(g))`` rounds, g =
-            ``kappa_growth`` (up to rounding; 1.5, the default: 10 rounds in 1000 steps). Short
-            rounds while the loss falls fast, few restarts later: on the demo task the
-            every-layer chain went from 0.830 (fixed rounds of 10) to 0.838 at 1000 steps (3
-            seeds; LoRA r=1: 0.830); at 3000 steps both get 0.829-0.830 (LoRA r=1: 0.837), and
-            at 200 steps 0.805 vs 0.792 (LoRA r=1: 0.820).
-        layers_per_round: ``L_s``, an int count or a float fraction in (0, 1] of the units
-            (default 1.0: all of them). Fewer train fewer boosters per step; on the demo task
-            each fraction below 1 measured lower accuracy.
-        sample_by: ``"block"`` (transformer blocks, all their targeted modules together) or
-            ``"module"`` (individual linear layers).
-        total_steps / rounds: length of the run (give one; ``rounds`` rounds of
-            ``round_length`` steps). Only
-            used for ``Booster.done`` and progress; the caller owns the loop.
-        merge_step: the boosting step ``alpha_t``: ``W += merge_step * s b a^T``.
-        rounding: merge rounding for fp16/bf16 weights (fp32: always nearest): ``"nearest"``
-            (default), ``"stochastic"`` or ``"kahan"`` (a compensation buffer of W's size per
-            merged layer). The demo's accuracy is the same under all three; nearest accumulates
-            1.4-2x less error than stochastic and needs no memory, kahan 13-30x less after 1000
-            merges (``bench/results/precision.md``).
-        init: distribution of the random ``a``, ``"kaiming"`` (uniform) or ``"gaussian"``.
-        booster_init: ``"carry"`` (default), ``"random"`` (``a`` redrawn, ``b = 0`` at every
-            restart: the paper's recipe) or ``"gradient"``. ``"gradient"``: in each round's
-            first step ``a`` becomes the top right singular vector of the layer's weight
-            gradient ``G = dy^T x`` (same norm as the random draw; ``power_iters`` power
-            iterations over the step's activations), so the booster starts along the best
-            rank-1 descent direction. Needs
-            ``attach(optimizer)`` (it acts just before ``optimizer.step()``). It gained 2.1
-            points at 200 steps with 35% of the blocks per round; with every layer it diverges
-            on the demo task (MiniLM's pooler: docs/accuracy_analysis.md). ``"carry"``: round 0
-            draws ``a`` as ``"random"`` does; a merge then resets only ``b`` (to 0, or scales it by
-            ``booster_keep``) and the layer's next booster keeps its trained ``a`` (direction
-            and size), so a restart keeps the input direction already found. Alone (``b = 0``),
-            200 steps, seeds 0 / 1: 0.807 / 0.816 vs 0.809 / 0.809 for ``"random"``; what
-            makes it the default is ``booster_keep`` (docs/accuracy_analysis.md).
-            ``"redraw"``: as ``"carry"``, but every merge gives the kept booster a fresh seeded
-            ``a`` (the norm of the trained one) and puts the difference into ``W``: ``W += s b
-            (a - beta a')^T``, ``a <- a'``, ``b <- beta b`` (``merge_step=1``), so the function
-            is unchanged and each round explores a new input direction while the older ones
-            stay in ``W``; with ``booster_keep=0`` it is ``"random"`` that keeps ``|a|``. On
-            the demo task (1000 steps, seeds 0 / 2) 0.842 / 0.836 against 0.845 / 0.836 for
-            ``"carry"``, with a higher training loss (docs/accuracy_analysis.md).
-        booster_keep: with ``booster_init="carry"`` or ``"redraw"`` and every unit in every
-            round, the fraction ``beta`` in [0, 1) of each booster a merge leaves in place:
-            ``W += merge_step (1 - beta) s b a^T``, then ``b <- beta b`` (``a`` kept), so with
-            ``merge_step=1`` the model's function is unchanged and the next round starts where
-            this one ended instead of from ``b = 0``. 0: the whole booster is merged. None
-            (default): 0.9 where it applies (``"carry"`` or ``"redraw"``, every unit in every
-            round), else 0. ``finish()`` merges all. On the demo task 0.9 is the only schedule
-            measured at or above LoRA r=1 at 200, 1000 and 3000 steps
-            (docs/accuracy_analysis.md).
-        gradient_init_rounds: with ``booster_init="gradient"``, only rounds ``0 .. N-1`` start
-            from the gradient; later rounds keep the random ``a`` (None: every round). Demo
-            task, 1000 steps, 3 seeds, 67% of the blocks in rounds of 10: 20 rounds 0.825 +-
-            0.006, every round 0.821 +- 0.002 (docs/accuracy_analysis.md). A layer's
-            successive gradient-init ``a`` repeat (mean |cos| 0.53 at 200 steps; random draws:
-            0.04).
-        select: with ``layers_per_round`` below 1, how a round picks its units: ``"gradient"``
-            (default: probability proportional to the unit's weight-gradient norm, estimated in
-            the previous round's last step from a 4-direction sketch; round 0 is uniform) or
-            ``"uniform"`` (the paper's recipe). With every unit active it only changes the
-            random draws.
-        power_iters: power iterations of ``booster_init="gradient"``.
-        weight_decay: AdamW's decoupled weight decay on the boosters (the practical form of the
-            paper's norm penalty), in the group ``param_groups()`` returns (under a transformers
-            ``Trainer``, set ``TrainingArguments.weight_decay`` instead). Default 0.3: with the
-            default schedule, 3 seeds, it is level with 0.1 at 200 and 1000 steps and ahead at
-            3000 (0.846 vs 0.841), and 0.1 is ahead of 1e-4, where the boosters overfit
-            (docs/accuracy_analysis.md).
-        optimizer_reset: what a merge does to the merged boosters' optimizer state: ``"all"``
-            (drop it: the paper's recipe), ``"momentum"`` (zero the first moment, keep Adam's
-            second moment and step count: the next round starts from zero velocity with the
-            per-coordinate gradient scale already known, so its first steps are small instead of
-            full-size sign steps) or ``"none"`` (keep everything).
-        rewarm_steps: after each merge, ramp the boosters' learning rate linearly over this many
-            steps (0: off), under whatever schedule the optimizer follows.
-        verify_replicas: under ``torch.distributed`` with more than one rank, check at each
-            round end that every rank holds bit-identical weights and boosters
-            (``xf.verify_replicas``: one read of the boosted weights, one small
-            all-gather); a diverged rank raises RuntimeError naming it.
-        seed: seeds layer sampling, booster init and stochastic-rounding bits.
-        record: keep every merged booster (``Booster.records``, in checkpoints too) for
-            ``xf.export_lora`` and ``xf.unmerge_``; costs ``4 (in + out)`` bytes per merge.
+    Two presets: ``XGBLoRAConfig()`` holds the defaults measured best on the demo task, and
+    ``XGBLoRAConfig.paper()`` the recipe of the paper (arXiv 2410.19694); ``preset(name)``
+    picks one by name. Each field's one-line help and group ("core" or "advanced") is in its
+    ``metadata``; what each knob does and what was measured: docs/method.md.
     """
 
-    target_modules: list[str] | str = "all-linear"
-    alpha: float = 1.0
-    dropout: float = 0.0
-    kappa: int = 10
-    kappa_growth: float = 1.5
-    layers_per_round: int | float = 1.0
-    sample_by: str = "block"
-    total_steps: int | None = None
-    rounds: int | None = None
-    merge_step: float = 1.0
-    rounding: str = "nearest"
-    init: str = "kaiming"
-    booster_init: str = "carry"
-    booster_keep: float | None = None
-    gradient_init_rounds: int | None = None
-    select: str = "gradient"
-    power_iters: int = 4
-    weight_decay: float = 0.3
-    optimizer_reset: str = "all"
-    rewarm_steps: int = 0
-    verify_replicas: bool = True
-    seed: int = 0
-    record: bool = True
+    target_modules: list[str] | str = dataclasses.field(
+        default="all-linear",
+        metadata=meta(
+            "the linear layers that get boosters, as in peft: module names, each matching the full "
+            "name or its dotted suffix (on the command line comma-separated: q_proj,v_proj or "
+            "attention.self.query); all-linear (every linear layer but the output and task heads); "
+            "or a regex that must match the whole module name (re.fullmatch, as peft treats a "
+            "string; on the command line a value holding any of * + ? | ( ) [ ] { } ^ $ \\)",
+            core=True,
+        ),
+    )
+    alpha: float = dataclasses.field(
+        default=1.0, metadata=meta("booster scale s in y = x W^T + s (x.a) b^T", core=True)
+    )
+    dropout: float = dataclasses.field(default=0.0, metadata=meta("dropout on the boosters' input"))
+    kappa: int = dataclasses.field(
+        default=10,
+        metadata=meta(
+            "optimizer steps per round (of round 0 when kappa_growth is not 1)", core=True
+        ),
+    )
+    kappa_growth: float = dataclasses.field(
+        default=1.5,
+        metadata=meta(
+            "round k lasts round(kappa * kappa_growth**k) steps: 1 keeps every round at kappa, "
+            "1.5 grows them 10, 15, 22, 34, ... from kappa 10",
+            core=True,
+        ),
+    )
+    layers_per_round: int | float = dataclasses.field(
+        default=1.0,
+        metadata=meta(
+            "L_s, the units each round trains: a count (e.g. 2) or a fraction (e.g. 0.35)"
+        ),
+    )
+    sample_by: str = dataclasses.field(
+        default="block",
+        metadata=meta(
+            "what a unit that rounds sample is: block (a transformer block's targeted modules "
+            "together) or module (each linear layer alone)",
+        ),
+    )
+    total_steps: int | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "optimizer steps of the run (or give rounds); only for Booster.done and progress",
+            core=True,
+        ),
+    )
+    rounds: int | None = dataclasses.field(
+        default=None, metadata=meta("length of the run in rounds, instead of total_steps")
+    )
+    merge_step: float = dataclasses.field(
+        default=1.0, metadata=meta("the boosting step alpha_t: W += merge_step * s b a^T")
+    )
+    rounding: str = dataclasses.field(
+        default="nearest",
+        metadata=meta(
+            "merge rounding of fp16/bf16 weights (fp32: always nearest): nearest, stochastic or "
+            "kahan (a compensation buffer of W's size per merged layer)",
+        ),
+    )
+    init: str = dataclasses.field(
+        default="kaiming",
+        metadata=meta("distribution of a random a: kaiming (uniform) or gaussian"),
+    )
+    booster_init: str = dataclasses.field(
+        default="carry",
+        metadata=meta(
+            "how a round's booster starts: carry (the a its layer trained last), random (a "
+            "fresh a, b = 0: the paper's restart), gradient (a along the top singular vector of "
+            "dL/dW) or redraw (as carry, with a fresh a at each merge and the difference merged "
+            "into W)",
+            core=True,
+        ),
+    )
+    booster_keep: float | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "with booster_init carry or redraw: the fraction of each booster a merge leaves in "
+            "place (None: 0.9 with every unit in every round, else 0)",
+        ),
+    )
+    gradient_init_rounds: int | None = dataclasses.field(
+        default=None,
+        metadata=meta("with booster_init gradient: only the first N rounds (None: every round)"),
+    )
+    select: str = dataclasses.field(
+        default="gradient",
+        metadata=meta(
+            "how rounds of fewer than all units pick them: by gradient norm (gradient) or "
+            "uniformly (uniform)",
+        ),
+    )
+    power_iters: int = dataclasses.field(
+        default=4, metadata=meta("power iterations of booster_init gradient")
+    )
+    weight_decay: float = dataclasses.field(
+        default=0.3,
+        metadata=meta(
+            "AdamW's decoupled weight decay on the boosters, in param_groups() (the finetune "
+            "baseline lora: on LoRA's factors)",
+        ),
+    )
+    optimizer_reset: str = dataclasses.field(
+        default="all",
+        metadata=meta(
+            "at each merge, drop the merged boosters' optimizer state (all), only its momentum "
+            "(momentum), or nothing (none)",
+        ),
+    )
+    rewarm_steps: int = dataclasses.field(
+        default=0, metadata=meta("linear lr re-warm-up over N steps after each merge (0: off)")
+    )
+    verify_replicas: bool = dataclasses.field(
+        default=True,
+        metadata=meta(
+            "under torch.distributed: check at every round end that all ranks hold the same "
+            "weights and boosters",
+        ),
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata=meta("seeds layer sampling, booster init and stochastic-rounding bits")
+    )
+    record: bool = dataclasses.field(
+        default=True,
+        metadata=meta(
+            "keep every merged booster (for export_lora and unmerge_; 4 (in + out) bytes a merge)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         """Check every field: TypeError for a wrong type (a bool is not a number), ValueError
@@ -274,6 +305,20 @@ class XGBLoRAConfig:
         # In logs, capped: a long run of growing rounds must not overflow a float.
         exponent = min(round_index * math.log(self.kappa_growth), 60.0)
         return max(1, round(self.kappa * math.exp(exponent)))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> XGBLoRAConfig:
+        """The config of preset ``name`` (one of ``PRESETS``) with ``overrides`` on top."""
+        if name not in PRESET_VALUES:
+            raise ValueError(f"unknown XGBLoRAConfig preset {name!r}; choose one of {PRESETS}")
+        return cls(**(PRESET_VALUES[name] | overrides))
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> XGBLoRAConfig:
+        """The paper's recipe (arXiv 2410.19694): a random ``a`` and ``b = 0`` at every restart
+        with the whole booster merged, 35% of the units per round drawn uniformly, fixed rounds
+        of ``kappa`` steps; ``overrides`` on top."""
+        return cls.preset("paper", **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -389,27 +389,6 @@ def export_lora_from_checkpoint(
 
 # ------------------------------------------------------------------ unmerge
 @torch.no_grad()
-def _merge_vectors(
-    layer: FastRank1Linear,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    step: float,
-    rounding: str,
-    seed: int,
-) -> None:
-    """``W += step * s * b a^T`` through ``layer.merge_`` (its rounding and any per-layer merge
-    state apply), leaving the layer's current booster as it was."""
-    kept = layer.lora_a.detach().clone(), layer.lora_b.detach().clone()
-    layer.lora_a.copy_(a)  # exact: the record holds fp32 copies of these very vectors
-    layer.lora_b.copy_(b)
-    # merge_ re-initialises the booster afterwards: a throwaway generator keeps the booster's
-    # and torch's random streams untouched, and the kept vectors are put back.
-    layer.merge_(rounding, seed, step, torch.Generator())
-    layer.lora_a.copy_(kept[0])
-    layer.lora_b.copy_(kept[1])
-
-
-@torch.no_grad()
 def unmerge_(
     model_or_booster: nn.Module | Booster,
     rounds: int | Iterable[int] | None = None,
@@ -464,8 +443,9 @@ def unmerge_(
                 # A seed of its own per (round, layer): fresh stochastic-rounding bits.
                 seed = (record.rounds[i] * 10_007 + index + 0x5EED) % (2**31)
                 step = -record.steps[i]
-                _merge_vectors(
-                    layer, record.a[i], record.b[i], step, rounding or record.rounding, seed
+                # Through the layer's merge (rounding, Kahan buffer), its booster untouched.
+                layer.merge_vectors_(
+                    record.a[i], record.b[i], step, rounding or record.rounding, seed
                 )
                 record.remove(i)
     return sorted(wanted)

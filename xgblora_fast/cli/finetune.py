@@ -32,7 +32,7 @@ from xgblora_fast.boosting.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from xgblora_fast.boosting.config import XGBLoRAConfig
+from xgblora_fast.boosting.config import XGBLoRAConfig, meta
 from xgblora_fast.boosting.export import CHECKPOINT_METADATA, adapter_metadata, export_lora
 from xgblora_fast.cli import data as data_mod
 from xgblora_fast.cli.data import UsageError
@@ -54,43 +54,123 @@ DEFAULT_TARGETS = (
 # model's. XGBLoRA's boosters restart every round, so they take larger steps than LoRA's (see
 # bench/results/schedule.md).
 DEFAULT_LR = {"xgblora": 5e-3, "lora": 5e-3, "full": 5e-5}
+# What fine-tuning sets on top of an XGBLoRAConfig preset: the attention and MLP projections as
+# targets, and the booster scale the accuracy study ran.
+XGBLORA_OVERRIDES: dict[str, Any] = {"target_modules": DEFAULT_TARGETS, "alpha": 2.0}
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the CLI maps its options one to one onto these."""
+    """Everything a fine-tuning run needs; the CLI maps its options one to one onto these.
 
-    model: str | None = None  # folder; None: the embedded MiniLM
-    data: str | None = None  # CSV/JSONL; None: the embedded movie review snippets
-    eval_data: str | None = None  # CSV/JSONL test rows; None: test_size of data's rows
-    task: str = "seq-cls"
-    text_column: str = "text"
-    label_column: str = "label"
-    output: str = "runs/xgblora"
-    method: str = "xgblora"
-    steps: int = 300
-    batch_size: int = 32
-    lr: float | None = None  # None: the method's entry in DEFAULT_LR
-    head_lr: float = 2e-3
-    warmup_ratio: float = 0.05
-    lr_schedule: str = "linear"  # after the warm-up: linear or cosine decay to 0, or constant
-    max_length: int = 64
-    test_size: float = 0.2
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    eval_every: int = 100
-    dtype: str = "float32"
-    seed: int = 0
-    lora_rank: int = 8
-    save_every: int = 0
-    resume: bool = False
-    stop_after: int | None = None  # end this job early (a time-limited slot); resume continues
-    save_model: bool = True
-    export_lora: str | None = None  # folder for the fine-tune as a peft LoRA adapter (xgblora)
-    # |W - W0| / |W0| per layer in the summary: reads the base checkpoint once more at the end.
-    measure_weight_change: bool = True
+    Each field's one-line help and group ("core" or "advanced") is in its ``metadata``;
+    ``xgblora`` defaults to ``XGBLoRAConfig(**XGBLORA_OVERRIDES)`` (docs/method.md).
+    """
+
+    model: str | None = dataclasses.field(
+        default=None, metadata=meta("model folder (None: the embedded MiniLM)", core=True)
+    )
+    data: str | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "CSV/TSV/JSONL file of training rows (None: the embedded movie reviews)", core=True
+        ),
+    )
+    eval_data: str | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "CSV/TSV/JSONL file of test rows, same columns as data (None: test_size of data)"
+        ),
+    )
+    task: str = dataclasses.field(
+        default="seq-cls", metadata=meta("seq-cls (sequence classification) or causal-lm")
+    )
+    text_column: str = dataclasses.field(
+        default="text", metadata=meta("the column that holds the texts")
+    )
+    label_column: str = dataclasses.field(
+        default="label", metadata=meta("the column of the seq-cls labels (ints or names)")
+    )
+    output: str = dataclasses.field(
+        default="runs/xgblora", metadata=meta("folder for the model, history, summary and plot")
+    )
+    method: str = dataclasses.field(
+        default="xgblora",
+        metadata=meta("xgblora, or a baseline: lora (peft) or full fine-tuning", core=True),
+    )
+    steps: int = dataclasses.field(
+        default=300, metadata=meta("optimizer steps in total", core=True)
+    )
+    batch_size: int = dataclasses.field(default=32, metadata=meta("rows per optimizer step"))
+    lr: float | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "learning rate of the adapters (full: of the model); None: the method's, "
+            + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()),
+            core=True,
+        ),
+    )
+    head_lr: float = dataclasses.field(
+        default=2e-3, metadata=meta("learning rate of a fresh task head")
+    )
+    warmup_ratio: float = dataclasses.field(
+        default=0.05, metadata=meta("fraction of the steps that warm the lr up linearly")
+    )
+    lr_schedule: str = dataclasses.field(
+        default="linear",
+        metadata=meta("after the warm-up: linear or cosine decay to 0, or constant"),
+    )
+    max_length: int = dataclasses.field(default=64, metadata=meta("tokens per text"))
+    test_size: float = dataclasses.field(
+        default=0.2,
+        metadata=meta("held-out fraction (or count) of data's rows (not used with eval_data)"),
+    )
+    train_limit: int | None = dataclasses.field(
+        default=None, metadata=meta("use only this many train rows (None: all)")
+    )
+    eval_limit: int | None = dataclasses.field(
+        default=None, metadata=meta("use only this many test rows (None: all)")
+    )
+    eval_every: int = dataclasses.field(
+        default=100, metadata=meta("evaluate every N steps (0: only at the end)")
+    )
+    dtype: str = dataclasses.field(default="float32", metadata=meta("dtype of the base weights"))
+    seed: int = dataclasses.field(
+        default=0,
+        metadata=meta(
+            "seeds the batch order and the fresh head (on the command line: the boosters too)"
+        ),
+    )
+    lora_rank: int = dataclasses.field(default=8, metadata=meta("rank of the lora baseline"))
+    save_every: int = dataclasses.field(
+        default=0, metadata=meta("checkpoint every N steps (0: never)")
+    )
+    resume: bool = dataclasses.field(default=False, metadata=meta("resume from output/checkpoints"))
+    stop_after: int | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "end this job after N steps with a checkpoint (time-limited slots; resume goes on)"
+        ),
+    )
+    save_model: bool = dataclasses.field(
+        default=True, metadata=meta("write the merged model into output (--no-save-model: skip)")
+    )
+    export_lora: str | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "with method xgblora: also write the fine-tune as a peft LoRA adapter (rank = "
+            "rounds) to this folder"
+        ),
+    )
+    measure_weight_change: bool = dataclasses.field(
+        default=True,
+        metadata=meta(
+            "|W - W0| / |W0| per layer in summary.json (reads the base checkpoint again)"
+        ),
+    )
     xgblora: XGBLoRAConfig = dataclasses.field(
-        default_factory=lambda: XGBLoRAConfig(target_modules=DEFAULT_TARGETS, alpha=2.0)
+        default_factory=lambda: XGBLoRAConfig(**XGBLORA_OVERRIDES),
+        metadata=meta("the boosters' settings (XGBLoRAConfig.preset picks a preset)", core=True),
     )
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 xgblora-fast finetune                      # the embedded default: MiniLM on movie reviews
 xgblora-fast finetune --model DIR --data train.jsonl --task causal-lm --steps 2000
+xgblora-fast finetune --preset paper --kappa 20  # the paper's recipe, rounds of 20 steps
 xgblora-fast finetune --export-lora adapter  # also write the fine-tune as a peft LoRA adapter
 xgblora-fast export-lora runs/xgblora/checkpoints adapter --rank 8   # from a checkpoint
 xgblora-fast inspect --json                # AOT kernel report (sm_80 / sm_90)
@@ -18,22 +19,26 @@ import logging
 import re
 import sys
 import traceback
+from typing import Any
 
 from xgblora_fast.boosting.checkpoint import CheckpointError
 from xgblora_fast.boosting.config import (
     BOOSTER_INITS,
+    GROUPS,
     OPTIMIZER_RESETS,
+    PRESET_VALUES,
+    PRESETS,
     SAMPLE_BY,
     SELECTIONS,
     XGBLoRAConfig,
 )
 from xgblora_fast.cli.data import UsageError
 from xgblora_fast.cli.finetune import (
-    DEFAULT_LR,
     DTYPES,
     LR_SCHEDULES,
     METHODS,
     TASKS,
+    XGBLORA_OVERRIDES,
     FinetuneConfig,
 )
 from xgblora_fast.nn.layer import INITS
@@ -44,12 +49,10 @@ from xgblora_fast.ops.checks import ROUNDINGS
 USER_ERRORS = (UsageError, CheckpointError)
 # A --target-modules value holding any of these is a regex; otherwise a list of names.
 REGEX_CHARS = frozenset("*+?|()[]{}^$\\")
-TARGET_HELP = (
-    "the linear layers that get boosters (LoRA with --method lora), as in peft: "
-    "comma-separated module names, each matching the full name or its dotted suffix "
-    "(q_proj,v_proj or attention.self.query); all-linear (every linear layer but the output "
-    "and task heads); or, when the value holds any of * + ? | ( ) [ ] { } ^ $ \\, a regex "
-    "that must match the whole module name (re.fullmatch, as peft treats a string)"
+FINETUNE_FIELDS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "xgblora")
+# The booster's fields the options set: all but the run's length (--steps sets total_steps).
+BOOSTER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(XGBLoRAConfig) if f.name not in ("total_steps", "rounds")
 )
 
 
@@ -68,6 +71,98 @@ def _fraction_or_count(text: str) -> int | float:
             f"expected a count (e.g. 2) or a fraction (e.g. 0.35), got {text!r}"
         ) from None
     return int(value) if value >= 1 and value.is_integer() and "." not in text else value
+
+
+# How argparse reads each config field's flag; its help and group come from the field's metadata.
+# --seed is FinetuneConfig's and sets the booster's seed too.
+FLAG_KWARGS: dict[str, dict[str, Any]] = {
+    "model": {},
+    "data": {},
+    "eval_data": {"metavar": "FILE"},
+    "task": {"choices": TASKS},
+    "text_column": {},
+    "label_column": {},
+    "output": {},
+    "method": {"choices": METHODS},
+    "steps": {"type": int},
+    "batch_size": {"type": int},
+    "lr": {"type": float},
+    "head_lr": {"type": float},
+    "warmup_ratio": {"type": float},
+    "lr_schedule": {"choices": tuple(LR_SCHEDULES)},
+    "max_length": {"type": int},
+    "test_size": {"type": float},
+    "train_limit": {"type": int},
+    "eval_limit": {"type": int},
+    "eval_every": {"type": int},
+    "dtype": {"choices": tuple(DTYPES)},
+    "seed": {"type": int},
+    "lora_rank": {"type": int},
+    "save_every": {"type": int},
+    "resume": {"action": "store_true"},
+    "stop_after": {"type": int},
+    "save_model": {"action": "store_false"},
+    "export_lora": {"metavar": "DIR"},
+    "measure_weight_change": {"action": argparse.BooleanOptionalAction},
+    "target_modules": {},  # parse_target_modules reads it
+    "alpha": {"type": float},
+    "dropout": {"type": float},
+    "kappa": {"type": int},
+    "kappa_growth": {"type": float},
+    "layers_per_round": {"type": _fraction_or_count},
+    "sample_by": {"choices": SAMPLE_BY},
+    "merge_step": {"type": float},
+    "rounding": {"choices": ROUNDINGS},
+    "init": {"choices": INITS},
+    "booster_init": {"choices": BOOSTER_INITS},
+    "booster_keep": {"type": float},
+    "gradient_init_rounds": {"type": int},
+    "select": {"choices": SELECTIONS},
+    "power_iters": {"type": int},
+    "weight_decay": {"type": float},
+    "optimizer_reset": {"choices": OPTIMIZER_RESETS},
+    "rewarm_steps": {"type": int},
+    "verify_replicas": {"action": argparse.BooleanOptionalAction},
+    "record": {"action": argparse.BooleanOptionalAction},
+}
+PRESET_HELP = (
+    "the XGBLoRA settings the other options start from: default (measured best on the demo "
+    "task) or paper (arXiv 2410.19694's recipe: "
+    + ", ".join(f"{k} {v}" for k, v in PRESET_VALUES["paper"].items())
+    + "); options given override it"
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in --help; a flag that the preset fills (argparse default SUPPRESS)
+    shows each preset's value instead (``action.preset_defaults``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = getattr(action, "preset_defaults", None)
+        if shown is None:
+            return super()._get_help_string(action)
+        return f"{action.help} ({shown.replace('%', '%%')})"
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """The config fields that ``finetune`` has a flag for, FinetuneConfig's then the booster's
+    (``--seed`` is FinetuneConfig's and sets the booster's seed too)."""
+    finetune = [f for f in dataclasses.fields(FinetuneConfig) if f.name in FINETUNE_FIELDS]
+    booster = [
+        f
+        for f in dataclasses.fields(XGBLoRAConfig)
+        if f.name in BOOSTER_FIELDS and f.name not in FINETUNE_FIELDS
+    ]
+    return finetune + booster
+
+
+def _preset_defaults(name: str, presets: dict[str, XGBLoRAConfig]) -> str:
+    """A preset-filled flag's default for --help, e.g. ``default: 1.5; --preset paper: 1.0``
+    (only the presets that differ from the default one)."""
+    values = {preset: getattr(config, name) for preset, config in presets.items()}
+    default = values.pop(PRESETS[0])
+    others = [f"--preset {preset}: {v}" for preset, v in values.items() if v != default]
+    return "; ".join([f"default: {default}", *others])
 
 
 def parse_target_modules(text: str) -> str | list[str]:
@@ -104,168 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser(
         "finetune",
         help="fine-tune a model folder on a CSV/JSONL file (default: the embedded demo)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=[debug],
     )
-    d = FinetuneConfig()
-    x = d.xgblora
-    g = ft.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="model folder (default: embedded MiniLM)")
-    g.add_argument("--data", default=None, help="CSV/TSV/JSONL file (default: movie reviews)")
-    g.add_argument(
-        "--eval-data",
-        default=None,
-        metavar="FILE",
-        help="CSV/TSV/JSONL file of test rows (same columns as --data); default: a held-out "
-        "--test-size of --data",
-    )
-    g.add_argument("--task", choices=TASKS, default=d.task)
-    g.add_argument("--text-column", default=d.text_column)
-    g.add_argument("--label-column", default=d.label_column, help="seq-cls labels (int or str)")
-    g.add_argument(
-        "--test-size",
-        type=float,
-        default=d.test_size,
-        help="held-out fraction of --data (not used with --eval-data)",
-    )
-    g.add_argument("--train-limit", type=int, default=None, help="use only this many train rows")
-    g.add_argument("--eval-limit", type=int, default=None, help="use only this many test rows")
-    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text")
-    g.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="base weight dtype")
-    g = ft.add_argument_group("training")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="xgblora or a baseline")
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate of the adapters (full: of the model); default per method: "
-        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()),
-    )
-    g.add_argument("--head-lr", type=float, default=d.head_lr, help="lr of a fresh task head")
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    g.add_argument(
-        "--lr-schedule",
-        choices=tuple(LR_SCHEDULES),
-        default=d.lr_schedule,
-        help="after the warm-up: linear or cosine decay to 0, or constant",
-    )
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: only at end")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="for --method lora")
-    g = ft.add_argument_group("XGBLoRA")
-    g.add_argument(
-        "--target-modules",
-        default=x.target_modules,
-        help=TARGET_HELP,
-    )
-    g.add_argument("--alpha", type=float, default=x.alpha, help="booster scale s")
-    g.add_argument("--dropout", type=float, default=x.dropout, help="dropout on booster input")
-    g.add_argument("--kappa", type=int, default=x.kappa, help="optimizer steps per round")
-    g.add_argument(
-        "--kappa-growth",
-        type=float,
-        default=x.kappa_growth,
-        help="round k lasts kappa * growth**k steps (1: every round kappa steps)",
-    )
-    g.add_argument(
-        "--layers-per-round",
-        type=_fraction_or_count,
-        default=x.layers_per_round,
-        help="L_s: a count (e.g. 2) or a fraction (e.g. 0.35) of the units",
-    )
-    g.add_argument("--sample-by", choices=SAMPLE_BY, default=x.sample_by)
-    g.add_argument("--merge-step", type=float, default=x.merge_step, help="alpha_t")
-    g.add_argument("--rounding", choices=ROUNDINGS, default=x.rounding, help="merge rounding")
-    g.add_argument("--init", choices=INITS, default=x.init, help="distribution of a random a")
-    g.add_argument(
-        "--booster-init",
-        choices=BOOSTER_INITS,
-        default=x.booster_init,
-        help="carry (default): each round keeps the a its layer trained last; random: a fresh "
-        "a each round; gradient: a along the top singular vector of dL/dW; redraw: as carry, "
-        "with a fresh a at each merge and the difference merged into W",
-    )
-    g.add_argument(
-        "--booster-keep",
-        type=float,
-        default=x.booster_keep,
-        help="with --booster-init carry/redraw: the fraction of each booster a merge leaves "
-        "in place "
-        "(default: 0.9 with every unit in every round, else 0)",
-    )
-    g.add_argument(
-        "--select",
-        choices=SELECTIONS,
-        default=x.select,
-        help="how rounds pick their units: uniformly or by gradient norm",
-    )
-    g.add_argument(
-        "--gradient-init-rounds",
-        type=int,
-        default=x.gradient_init_rounds,
-        help="with --booster-init gradient: only the first N rounds (default: every round)",
-    )
-    g.add_argument("--power-iters", type=int, default=x.power_iters, help="for --booster-init")
-    g.add_argument(
-        "--verify-replicas",
-        action=argparse.BooleanOptionalAction,
-        default=x.verify_replicas,
-        help="under torch.distributed: check every round that all ranks hold the same weights",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=x.weight_decay,
-        help="AdamW's, on the boosters (with --method lora: on LoRA's factors)",
-    )
-    g.add_argument(
-        "--optimizer-reset",
-        choices=OPTIMIZER_RESETS,
-        default=x.optimizer_reset,
-        help="at each merge drop the boosters' optimizer state (all), only its momentum, or none",
-    )
-    g.add_argument(
-        "--rewarm-steps",
-        type=int,
-        default=x.rewarm_steps,
-        help="linear lr re-warm-up after each merge (0: off)",
-    )
-    g.add_argument(
-        "--record",
-        action=argparse.BooleanOptionalAction,
-        default=x.record,
-        help="record every merged booster (for --export-lora and xf.unmerge_)",
-    )
-    g = ft.add_argument_group("output")
-    g.add_argument("--output", default=d.output, help="folder for model, history, plot")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    g.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints")
-    g.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="end this job after N steps with a checkpoint (time-limited slots)",
-    )
-    g.add_argument(
-        "--no-save-model",
-        dest="save_model",
-        action="store_false",
-        help="skip writing the merged model",
-    )
-    g.add_argument(
-        "--measure-weight-change",
-        action=argparse.BooleanOptionalAction,
-        default=d.measure_weight_change,
-        help="|W - W0| / |W0| per layer in summary.json (reads the base checkpoint again)",
-    )
-    g.add_argument(
-        "--export-lora",
-        default=None,
-        metavar="DIR",
-        help="also write the fine-tune as a peft LoRA adapter (rank = rounds) to DIR",
-    )
+    titles = {
+        "core": "the options that matter most; --preset picks where the XGBLoRA ones start",
+        "advanced": "the rest (docs/method.md: what each knob does and what was measured)",
+    }
+    groups = {name: ft.add_argument_group(name, titles[name]) for name in GROUPS}
+    groups["core"].add_argument("--preset", choices=PRESETS, default=PRESETS[0], help=PRESET_HELP)
+    presets = {name: XGBLoRAConfig.preset(name, **XGBLORA_OVERRIDES) for name in PRESETS}
+    for field in flag_fields():
+        group = groups[field.metadata["group"]]
+        kwargs = {"dest": field.name, "help": field.metadata["help"], **FLAG_KWARGS[field.name]}
+        if field.name in FINETUNE_FIELDS:
+            group.add_argument(_flag(field.name), default=field.default, **kwargs)
+        else:  # absent unless given, so that the preset fills it
+            action = group.add_argument(_flag(field.name), default=argparse.SUPPRESS, **kwargs)
+            action.preset_defaults = _preset_defaults(field.name, presets)
 
     ex = sub.add_parser(
         "export-lora",
@@ -307,18 +258,16 @@ def _config_error(error: Exception) -> UsageError:
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The ``FinetuneConfig`` of parsed ``finetune`` options; ``UsageError`` (a ValueError)
     when a value is invalid or options contradict each other."""
-    targets = parse_target_modules(args.target_modules)
-    booster_fields = {f.name for f in dataclasses.fields(XGBLoRAConfig)} - {"target_modules"}
-    ft_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"xgblora"}
+    options = vars(args)
+    # The booster options given (the others are absent: the preset fills them), and --seed.
+    booster = {k: options[k] for k in BOOSTER_FIELDS if k in options}
+    if "target_modules" in booster:
+        booster["target_modules"] = parse_target_modules(booster["target_modules"])
     try:
-        xgb = XGBLoRAConfig(
-            target_modules=targets,
-            total_steps=args.steps,
-            **{k: v for k, v in vars(args).items() if k in booster_fields and k != "total_steps"},
+        xgb = XGBLoRAConfig.preset(
+            args.preset, **(XGBLORA_OVERRIDES | booster), total_steps=args.steps
         )
-        return FinetuneConfig(
-            xgblora=xgb, **{k: v for k, v in vars(args).items() if k in ft_fields}
-        )
+        return FinetuneConfig(xgblora=xgb, **{k: options[k] for k in FINETUNE_FIELDS})
     except (ValueError, TypeError) as e:
         raise _config_error(e) from e
 

@@ -63,10 +63,11 @@ class FastRank1Linear(nn.Module):
     ``lora_a [in]`` (Kaiming-uniform as peft's ``lora_A``) and ``lora_b [out]`` (zeros, so a
     fresh booster changes nothing). ``scale = alpha`` (peft's ``lora_alpha / r`` with ``r = 1``).
 
-    ``merge_()`` folds the booster into ``W`` in place and re-initialises it; ``reset_()`` re-inits
-    in place, keeping the same Parameter objects (optimizers, DDP, FSDP and torch.compile keep
-    their references). With ``active = False`` the layer runs the plain GEMM and its booster
-    gets no gradient.
+    ``merge_(rounding, seed, step)`` folds the booster into ``W`` in place and re-initialises it;
+    ``reset_()`` re-inits in place, keeping the same Parameter objects (optimizers, DDP, FSDP and
+    torch.compile keep their references); ``merge_vectors_(a, b, step)`` adds any ``s b a^T``
+    (the boosting strategies' merges: keep part of the booster, move it to a new ``a``). With
+    ``active = False`` the layer runs the plain GEMM and its booster gets no gradient.
 
     ``merge_(rounding="kahan")`` allocates, on first use, the buffer ``compensation`` (W's shape,
     dtype and strides, zeros) that carries what each merge's rounding dropped into the next one.
@@ -75,9 +76,10 @@ class FastRank1Linear(nn.Module):
     layer's weight, which carries no buffer. Under DDP it is identical on every rank (merges are
     deterministic): ``broadcast_buffers=False`` spares its copy at every forward.
 
-    FSDP2 (``fully_shard``, parameters sharded by rows on a 1-D mesh): ``merge_`` and ``reset_``
-    work on each rank's row block and write the bits a single-process run writes (stochastic
-    rounding draws the bits of the global element index, every rank draws the same whole ``a``).
+    FSDP2 (``fully_shard``, parameters sharded by rows on a 1-D mesh): merges and ``reset_`` work
+    on each rank's row block and write the bits a single-process run writes (stochastic rounding
+    draws the bits of the global element index; with the same seeded generator every rank draws
+    the same whole ``a``).
     ``rounding="kahan"``, ``merged_weight`` and ``to_linear`` need unsharded weights.
 
     Args:
@@ -228,69 +230,40 @@ class FastRank1Linear(nn.Module):
         return a.to(self.lora_a.device)
 
     @torch.no_grad()
-    def merge_direction(
-        self, step_size: float = 1.0, keep_b: float = 0.0, next_a: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """``(v [in], t)``: ``merge_`` adds ``t s b v^T`` to ``W`` (``MergeRecord`` keeps them).
+    def booster_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a [in], b [out])``: the booster's whole vectors (gathered when FSDP2 shards them)."""
+        a, b = self.lora_a, self.lora_b
+        return (a.full_tensor() if is_dtensor(a) else a, b.full_tensor() if is_dtensor(b) else b)
 
-        Without ``next_a``: ``v = a``, ``t = step_size (1 - keep_b)``. With ``next_a`` (the
-        booster's next ``a``): ``v = step_size (1 - keep_b) a + keep_b (a - next_a)``, ``t = 1``,
-        so that with ``step_size = 1`` the kept booster ``s keep_b b next_a^T`` plus ``W``
-        compute what ``W + s b a^T`` did.
-        """
-        a = self.lora_a.full_tensor() if is_dtensor(self.lora_a) else self.lora_a
-        if next_a is None:
-            return a, step_size * (1.0 - keep_b)
-        if next_a.shape != a.shape:
-            raise ValueError(f"next_a must have shape {tuple(a.shape)}, got {tuple(next_a.shape)}")
-        next_a = next_a.to(a.dtype)
-        return step_size * (1.0 - keep_b) * a + keep_b * (a - next_a), 1.0
-
-    def _check_merge_options(
-        self, rounding: str, keep_a: bool, keep_b: float, next_a: torch.Tensor | None
-    ) -> None:
-        if not 0.0 <= keep_b < 1.0 or (keep_b and not keep_a):
-            raise ValueError(f"keep_b must be in [0, 1) and needs keep_a=True, got {keep_b}")
-        if next_a is not None and not keep_a:
-            raise ValueError("next_a needs keep_a=True (it replaces the kept a)")
-        if next_a is not None and is_dtensor(self.weight):
-            raise NotImplementedError("next_a on an FSDP2-sharded weight (booster_init='redraw')")
+    def _merge_operands(
+        self, a: torch.Tensor, b: torch.Tensor, rounding: str
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(W rows held here, b rows, first row)`` of a merge of ``b a^T``, after its checks."""
+        if a.shape != (self.in_features,) or b.shape != (self.out_features,):
+            raise ValueError(
+                f"merge vectors must be a [{self.in_features}] and b [{self.out_features}], got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
         if rounding == "kahan" and is_dtensor(self.weight):  # refused before any all-gather
             raise NotImplementedError(
                 "rounding='kahan' on an FSDP2-sharded weight: the compensation buffer is not "
                 "sharded with it; use 'stochastic' or 'nearest'"
             )
-
-    def _merge_operands(
-        self, step_size: float, keep_b: float, next_a: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
-        """``(W rows held here, a, b rows, scale, first row)`` of the merge ``merge_`` runs."""
-        a, step = self.merge_direction(step_size, keep_b, next_a)
-        scale = step * self.alpha
-        if is_dtensor(self.weight):
-            weight, start = local_rows(self.weight)
-            b = self.lora_b.full_tensor() if is_dtensor(self.lora_b) else self.lora_b
-            b = b[start : start + weight.shape[0]]
-        else:
-            weight, start, b = self.weight, 0, self.lora_b
-        return weight, a, b, scale, start
+        if not is_dtensor(self.weight):
+            return self.weight, b, 0
+        weight, start = local_rows(self.weight)
+        return weight, b[start : start + weight.shape[0]], start
 
     @torch.no_grad()
     def merge_stats_request(
-        self,
-        rounding: str = "nearest",
-        step_size: float = 1.0,
-        keep_b: float = 0.0,
-        next_a: torch.Tensor | None = None,
-        keep_a: bool = False,
+        self, a: torch.Tensor, b: torch.Tensor, step: float = 1.0, rounding: str = "nearest"
     ) -> tuple[list[torch.Tensor], Callable[[list[float]], MergeStats]]:
-        """``(tensors, finish)`` for a ``merge_`` with these arguments: the device tensors its
-        safety check reads (no host read here) and ``finish(values)``, which turns their values
-        (``checks.host_values(*tensors)``, batched with other layers' as the caller likes) into
-        the ``stats`` to pass to ``merge_``. ``max |W|`` is measured only where the bound left by
+        """``(tensors, finish)`` for ``merge_vectors_(a, b, step, rounding)``: the device tensors
+        its safety check reads (no host read here) and ``finish(values)``, which turns their
+        values (``checks.host_values(*tensors)``, batched with other layers' as the caller likes)
+        into the ``stats`` to pass to it. ``max |W|`` is measured only where the bound left by
         the last merge is not known."""
-        self._check_merge_options(rounding, keep_a, keep_b, next_a)
-        weight, a, b, _, _ = self._merge_operands(step_size, keep_b, next_a)
+        weight, b, _ = self._merge_operands(a, b, rounding)
         compensation = self.compensation if rounding == "kahan" else None
         read_weight = self._known_weight_bound() is None
         tensors = MergeStats.tensors(weight, a, b, compensation, read_weight)
@@ -305,42 +278,29 @@ class FastRank1Linear(nn.Module):
         return tensors, finish
 
     @torch.no_grad()
-    def merge_(
+    def merge_vectors_(
         self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        step: float = 1.0,
         rounding: str = "nearest",
         seed: int | None = None,
-        step_size: float = 1.0,
-        generator: torch.Generator | None = None,
-        keep_a: bool = False,
-        keep_b: float = 0.0,
-        next_a: torch.Tensor | None = None,
         stats: MergeStats | None = None,
     ) -> None:
-        """``W += step_size * s b a^T`` in place (no temporary of W's size), then ``reset_()``.
+        """``W += step * s * b a^T`` in place for whole vectors ``a [in]``, ``b [out]``; the
+        booster is not touched. What ``merge_`` and the boosting strategies build on.
 
-        ``step_size`` is the boosting step ``alpha_t``; ``generator`` seeds the re-init.
-        ``keep_a=True`` re-initialises only ``b = 0`` and keeps the trained ``a`` (draws nothing):
-        the next booster starts along the input direction this one found.
-        ``keep_b`` in [0, 1) (needs ``keep_a``): merge only ``(1 - keep_b)`` of the booster and
-        leave ``b <- keep_b * b``; with ``step_size=1`` the layer's output is unchanged and the
-        booster goes on from where it was instead of from ``b = 0``.
-        ``next_a`` ``[in]`` (needs ``keep_a``): the kept booster goes on along this ``a``
-        instead; ``W`` takes the difference (``merge_direction``), so with ``step_size=1`` the
-        output is still unchanged. Not on FSDP2-sharded layers (NotImplementedError).
-        ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros).
-
-        FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
-        with the same ``seed`` (and generator state), as ``Booster`` does. Each merges its own
-        rows with the gathered ``a`` and ``b`` (two vector all-gathers) and its global row
-        offset, so the gathered ``W`` is bit for bit the single-process merge. Kahan is refused
-        there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
-
-        The safety check reads a few values from the device (one transfer); ``stats``, from
+        ``rounding="kahan"`` allocates the ``compensation`` buffer on first use (zeros). The
+        safety check reads a few values from the device (one transfer); ``stats``, from
         ``merge_stats_request`` with the same arguments (nothing written since but other layers'
         weights), spares it that transfer, so that a round's merges can share one.
+
+        FSDP2-sharded ``W`` (a DTensor, rows sharded on a 1-D mesh): every rank must call this
+        with the same vectors and ``seed``, as ``Booster`` does. Each merges its own rows with its
+        global row offset, so the gathered ``W`` is bit for bit the single-process merge. Kahan is
+        refused there (NotImplementedError): FSDP2 does not shard the W-sized buffer.
         """
-        self._check_merge_options(rounding, keep_a, keep_b, next_a)
-        weight, a, b, scale, start = self._merge_operands(step_size, keep_b, next_a)
+        weight, b, start = self._merge_operands(a, b, rounding)
         version = (weight._version, weight.data_ptr())
         if stats is not None and stats.w_max is not None and stats.weight_version != version:
             stats = dataclasses.replace(stats, w_max=None)  # W written since: measure again
@@ -351,7 +311,7 @@ class FastRank1Linear(nn.Module):
             weight,
             a,
             b,
-            scale,
+            step * self.alpha,
             rounding,
             seed,
             self.backend,
@@ -367,12 +327,19 @@ class FastRank1Linear(nn.Module):
         self._weight_bound = (
             (self.weight._version, self.weight.data_ptr(), bound) if tracked else None
         )
-        if keep_a:
-            self.lora_b.mul_(keep_b)  # b is finite here (the merge checked): 0 * b is 0
-            if next_a is not None:
-                self.lora_a.copy_(next_a)
-        else:
-            self.reset_(generator)
+
+    @torch.no_grad()
+    def merge_(self, rounding: str = "nearest", seed: int | None = None, step: float = 1.0) -> None:
+        """Merge the booster, ``W += step * s * b a^T`` in place (no temporary of W's size), then
+        ``reset_()``: with ``step=1`` the layer computes what it did, from a fresh booster.
+
+        ``rounding``: ``"nearest"``, ``"stochastic"`` (bits seeded by ``seed``) or ``"kahan"``
+        (see ``merge_vectors_``); fp32 weights always round to nearest. A merge that would write
+        NaN/Inf raises and leaves ``W`` and the booster untouched. ``Booster`` merges through
+        the strategy of its ``booster_init`` instead (``boosting/strategies.py``).
+        """
+        self.merge_vectors_(*self.booster_vectors(), step, rounding, seed)
+        self.reset_()
 
     def _known_weight_bound(self) -> float | None:
         """The bound on ``max |W|`` left by the last merge, if ``W`` is unwritten since."""

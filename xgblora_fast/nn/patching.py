@@ -230,8 +230,8 @@ def _merge_live_booster(layer: FastRank1Linear, rounding: str) -> None:
     if not (recording and bool(layer.lora_b.any())):
         layer.merge_(rounding=rounding)
         return
-    a, step = layer.merge_direction()
-    record.add_vectors(max(record.rounds, default=-1) + 1, step, a, layer.lora_b, rounding)
+    a, b = layer.booster_vectors()
+    record.add_vectors(max(record.rounds, default=-1) + 1, 1.0, a, b, rounding)
     try:
         layer.merge_(rounding=rounding)
     except Exception:
