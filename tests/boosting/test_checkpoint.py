@@ -12,7 +12,7 @@ from xgblora_fast.boosting.checkpoint import CheckpointError, resolve_checkpoint
 WIDTH = 12
 
 
-def build(dtype, seed=0, width=WIDTH, rounding="stochastic"):
+def build(dtype, seed=0, width=WIDTH, rounding="stochastic", booster_init="carry"):
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 2)
@@ -23,6 +23,7 @@ def build(dtype, seed=0, width=WIDTH, rounding="stochastic"):
         layers_per_round=2,
         dropout=0.1,
         rounding=rounding,
+        booster_init=booster_init,
         rewarm_steps=2,
         seed=7,
     )
@@ -50,21 +51,25 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+@pytest.mark.parametrize(
+    "rounding, booster_init",
+    [("stochastic", "carry"), ("kahan", "carry"), ("stochastic", "orthogonal")],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_resume_mid_round_ends_with_the_same_weights(tmp_path, dtype, rounding):
+def test_resume_mid_round_ends_with_the_same_weights(tmp_path, dtype, rounding, booster_init):
     """Kahan: the buffers of the merged layers are saved, and a fresh model (which allocates
-    them at its first Kahan merge) takes them from the checkpoint."""
+    them at its first Kahan merge) takes them from the checkpoint. Orthogonal: the resumed layers
+    rebuild their merged directions from the records, to the same bits."""
     torch.manual_seed(123)
-    straight = build(dtype, rounding=rounding)
+    straight = build(dtype, rounding=rounding, booster_init=booster_init)
     run_steps(*straight, 18, dtype)
 
     torch.manual_seed(123)
-    first = build(dtype, rounding=rounding)
+    first = build(dtype, rounding=rounding, booster_init=booster_init)
     run_steps(*first, 10, dtype)  # 10 = 2 rounds of 4 + 2 steps into round 3
     xf.save_checkpoint(tmp_path, first[0], first[1], first[2], first[3], extra={"epoch": 0})
     torch.manual_seed(999)  # a different process would have another RNG state
-    resumed = build(dtype, seed=5, rounding=rounding)
+    resumed = build(dtype, seed=5, rounding=rounding, booster_init=booster_init)
     buffers = [k for k in first[0].state_dict() if k.endswith("compensation")]
     assert bool(buffers) == (rounding == "kahan")
     assert not any(k.endswith("compensation") for k in resumed[0].state_dict())

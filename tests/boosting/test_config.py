@@ -94,3 +94,9 @@ def test_every_field_has_a_one_line_help_and_a_group(config):
         assert field.metadata.get("group") in GROUPS, field.name
     core = {f.name for f in dataclasses.fields(config) if f.metadata["group"] == "core"}
     assert core == CORE[config]
+
+
+def test_orthogonal_boosters_need_the_merge_records():
+    assert XGBLoRAConfig(booster_init="orthogonal").record
+    with pytest.raises(ValueError, match="booster_init='orthogonal' needs record=True"):
+        XGBLoRAConfig(booster_init="orthogonal", record=False)

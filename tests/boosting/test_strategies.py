@@ -8,7 +8,7 @@ import torch
 from helpers.kernel_checks import assert_rel_close
 
 import xgblora_fast as xf
-from xgblora_fast.boosting.strategies import Carry, Redraw, Restart, strategy_for
+from xgblora_fast.boosting.strategies import Carry, Orthogonal, Redraw, Restart, strategy_for
 
 K, M = 24, 20
 ALPHA = 1.25
@@ -36,6 +36,7 @@ def test_each_booster_init_has_its_strategy():
     assert isinstance(strategy_for("gradient"), Restart)
     assert type(strategy_for("carry")) is Carry
     assert isinstance(strategy_for("redraw"), Redraw)
+    assert isinstance(strategy_for("orthogonal"), Orthogonal)
     with pytest.raises(ValueError, match="booster_init must be one of"):
         strategy_for("orthogonal?")
 
@@ -103,3 +104,32 @@ def test_bad_keep_is_refused_before_anything_is_drawn_or_merged(strategy, keep):
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(1).get_state())
     for t, old in zip((layer.weight, layer.lora_a, layer.lora_b), before, strict=True):
         assert torch.equal(t, old)
+
+
+@pytest.mark.parametrize("in_features", [24, 3], ids=["room_left", "span_full"])
+def test_orthogonal_draws_each_a_outside_the_merged_directions(in_features):
+    """Each new ``a`` is orthogonal to every direction the layer merged before (float64 check)
+    and has the norm of the plain draw; once the merged directions span the input space the
+    draw is used as it is."""
+    torch.manual_seed(11)
+    layer = xf.FastRank1Linear(in_features, M, alpha=ALPHA)
+    generator = torch.Generator().manual_seed(2)
+    merged = []
+    for _ in range(5):
+        with torch.no_grad():  # a round of training moves a off its draw, and b off zero
+            layer.lora_a.add_(0.1 * torch.randn(in_features))
+            layer.lora_b.copy_(torch.randn(M))
+        merged.append(layer.lora_a.detach().double().clone())
+        twin = torch.Generator()
+        twin.set_state(generator.get_state())
+        plain = layer.draw_a(twin).double()
+        round_end(Orthogonal(), layer, 1.0, 0.0, generator)
+        a = layer.lora_a.detach().double()
+        assert torch.count_nonzero(layer.lora_b) == 0
+        assert math.isclose(a.norm().item(), plain.norm().item(), rel_tol=1e-6)
+        if len(merged) < in_features:
+            span = torch.linalg.qr(torch.stack(merged).T).Q.T  # orthonormal rows
+            assert (span @ a).abs().max() <= 1e-6 * a.norm()
+        else:
+            assert torch.equal(a, plain)
+    assert layer.merged_basis.shape == (min(5, in_features), in_features)

@@ -15,7 +15,7 @@ from xgblora_fast.nn.patching import check_target_modules
 from xgblora_fast.ops.checks import ROUNDINGS
 
 SAMPLE_BY = ("block", "module")
-BOOSTER_INITS = ("random", "gradient", "carry", "redraw")
+BOOSTER_INITS = ("random", "gradient", "carry", "redraw", "orthogonal")
 # The inits whose merges keep the booster (booster_keep applies): "redraw" keeps b, not a.
 KEEPING_INITS = ("carry", "redraw")
 SELECTIONS = ("uniform", "gradient")
@@ -177,8 +177,8 @@ class XGBLoRAConfig:
         metadata=meta(
             "how a round's booster starts: carry (the a its layer trained last), random (a "
             "fresh a, b = 0: the paper's restart), gradient (a along the top singular vector of "
-            "dL/dW) or redraw (as carry, with a fresh a at each merge and the difference merged "
-            "into W)",
+            "dL/dW), redraw (as carry, with a fresh a at each merge and the difference merged "
+            "into W) or orthogonal (as random, a drawn orthogonal to the layer's merged a's)",
             core=True,
         ),
     )
@@ -292,6 +292,11 @@ class XGBLoRAConfig:
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise _config_error(ValueError, "seed", seeds, self.seed)
         _check_bool("record", self.record)
+        if self.booster_init == "orthogonal" and not self.record:
+            raise ValueError(
+                "XGBLoRAConfig.booster_init='orthogonal' needs record=True (a resumed run "
+                "rebuilds the merged directions from the merge records)"
+            )
 
     @property
     def planned_steps(self) -> int | None:

@@ -11,6 +11,9 @@ fraction ``beta`` of the booster a merge leaves in place (``booster_keep``; 0 at
 - ``Carry`` (``"carry"``): merge ``(1 - beta)`` of the booster, ``t = step (1 - beta)``, ``v = a``;
   then ``b <- beta b`` and ``a`` kept: with ``step = 1`` the model's function is unchanged and the
   next round goes on from where this one ended.
+- ``Orthogonal`` (``"orthogonal"``): as ``Restart``, with each new ``a`` drawn in the orthogonal
+  complement of the directions the layer has merged, so that every round explores a new input
+  subspace instead of the top directions found before (as BoostLoRA, arXiv 2604.27308, does).
 - ``Redraw`` (``"redraw"``): as ``Carry``, but the kept booster moves to a fresh seeded ``a'``
   with the norm of ``a``, and ``W`` takes the difference: ``v = step (1 - beta) a + beta (a - a')``,
   ``t = 1``; then ``a <- a'``, ``b <- beta b``. The function is unchanged too (``step = 1``).
@@ -51,6 +54,53 @@ class Restart:
         self, layer: FastRank1Linear, plan: MergePlan, keep: float, generator: torch.Generator
     ) -> None:
         layer.reset_(generator)
+
+
+class Orthogonal(Restart):
+    """As ``Restart``, with the new ``a`` drawn in the orthogonal complement of the layer's merged
+    directions (the draw's norm kept). The layer keeps them orthonormalised on its device
+    (``merged_basis [T, in]`` fp32, one Gram-Schmidt step per merge, no W-sized work); after a
+    resume the basis is rebuilt from the merge records (hence ``record=True``). Once the merged
+    directions span the input space (``T >= in``) the draw is used as it is."""
+
+    @torch.no_grad()
+    def restart_(
+        self, layer: FastRank1Linear, plan: MergePlan, keep: float, generator: torch.Generator
+    ) -> None:
+        basis = getattr(layer, "merged_basis", None)
+        if basis is None:
+            basis = torch.zeros(0, layer.in_features, device=layer.lora_a.device)
+            # A resumed run: the record's earlier merges (its last row is this merge).
+            record = getattr(layer, "merge_record", None)
+            earlier = record.a[:-1] if record is not None and len(record.rounds) > 1 else ()
+            for direction in earlier:
+                basis = with_direction(basis, direction.to(basis.device))
+        layer.merged_basis = basis = with_direction(basis, plan.direction.detach().float())
+        drawn = layer.draw_a(generator)
+        free = orthogonal_part(drawn.float(), basis)
+        norm = free.norm()
+        # A draw (almost) inside the merged span leaves no complement to move to.
+        if norm > 1e-3 * drawn.float().norm():
+            drawn = (free * (drawn.float().norm() / norm)).to(drawn.dtype)
+        layer.reset_(a=drawn)
+
+
+def orthogonal_part(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``v`` minus its projection on the rows of ``basis`` (orthonormal), twice: Gram-Schmidt
+    projected once loses orthogonality to rounding when ``v`` is nearly inside the span."""
+    for _ in range(2):
+        v = v - basis.T @ (basis @ v)
+    return v
+
+
+def with_direction(basis: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``basis [T, in]`` with ``direction``'s orthonormalised new part as a row (unchanged when
+    ``direction`` is already inside the span)."""
+    free = orthogonal_part(direction.float(), basis)
+    norm = free.norm()
+    if not norm > 1e-6 * direction.float().norm():
+        return basis
+    return torch.cat([basis, (free / norm)[None]])
 
 
 class Carry:
@@ -105,6 +155,7 @@ def check_keep(keep: float) -> None:
 STRATEGIES: dict[str, Restart | Carry] = {
     "random": Restart(),
     "gradient": Restart(),
+    "orthogonal": Orthogonal(),
     "carry": Carry(),
     "redraw": Redraw(),
 }

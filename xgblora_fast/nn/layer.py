@@ -200,16 +200,20 @@ class FastRank1Linear(nn.Module):
         )
 
     @torch.no_grad()
-    def reset_(self, generator: torch.Generator | None = None) -> None:
+    def reset_(
+        self, generator: torch.Generator | None = None, a: torch.Tensor | None = None
+    ) -> None:
         """Re-initialise the booster in place: ``a`` random (see ``init``), ``b = 0``.
 
         The Kaiming bound 1/sqrt(in) matches peft's ``kaiming_uniform_(lora_A, a=sqrt(5))`` for
-        ``r = 1``. Pass a seeded ``generator`` to draw the same ``a`` on every rank. With ``a``
-        sharded (FSDP2) each rank draws the whole ``[in]`` vector and keeps its block: the
-        shards together are the single-process draw, and every generator advances alike.
+        ``r = 1``. Pass a seeded ``generator`` to draw the same ``a`` on every rank, or the next
+        ``a [in]`` itself (a strategy's draw; nothing is drawn then). With ``a`` sharded (FSDP2)
+        each rank takes its block of the whole ``[in]`` vector: the shards together are the
+        single-process draw, and every generator advances alike.
         """
+        whole = self.draw_a(generator) if a is None else a
         local_a, start = local_rows(self.lora_a)
-        local_a.copy_(self.draw_a(generator)[start : start + local_a.shape[0]])
+        local_a.copy_(whole[start : start + local_a.shape[0]])
         self.lora_b.zero_()
 
     @torch.no_grad()
