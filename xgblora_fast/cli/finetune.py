@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ TASKS = ("seq-cls", "causal-lm")
 # Learning-rate envelopes after the linear warm-up (transformers' scheduler names).
 LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A folder holding one of these has its own tokenizer (save_pretrained writes both).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # The attention and MLP projections of BERT-, Llama- and GPT-2-style models (not the task head).
 DEFAULT_TARGETS = (
     r".*\.(query|key|value|dense|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
@@ -69,6 +73,13 @@ class FinetuneConfig:
 
     model: str | None = dataclasses.field(
         default=None, metadata=meta("model folder (None: the embedded MiniLM)", core=True)
+    )
+    gguf_file: str | None = dataclasses.field(
+        default=None,
+        metadata=meta(
+            "a GGUF checkpoint in the model folder (or a path), dequantised to dtype; the result "
+            "saves as a plain transformers model (pip install gguf)"
+        ),
     )
     data: str | None = dataclasses.field(
         default=None,
@@ -293,26 +304,42 @@ def load_model(cfg: FinetuneConfig, num_labels: int):
     )
 
     path = model_folder(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    # A folder's own tokenizer files come first; a bare GGUF file carries its tokenizer.
+    has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(path, **({} if has_tokenizer else gguf))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = DTYPES[cfg.dtype]
     if cfg.task == "seq-cls":
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, output_loading_info=True
+            path, num_labels=num_labels, dtype=dtype, output_loading_info=True, **gguf
         )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, output_loading_info=True
+            path, dtype=dtype, output_loading_info=True, **gguf
         )
+    if gguf:
+        drop_quantization(model)
     fresh = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
     return model, tokenizer, fresh
 
 
+def drop_quantization(model: nn.Module) -> None:
+    """A GGUF checkpoint loads dequantised but keeps its quantisation config and quantizer: drop
+    them, so the model trains, saves and reloads as a plain transformers model."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+
+
 def model_folder(cfg: FinetuneConfig) -> str:
-    """``cfg.model``, checked to be a model folder (``UsageError`` if not), or the default."""
+    """``cfg.model``, checked to be a model folder (``UsageError`` if not), or the default; with
+    ``cfg.gguf_file``, checked to hold that file (and ``gguf`` to be installed)."""
     if cfg.model is None:
+        if cfg.gguf_file:
+            raise UsageError("--gguf-file needs --model, the folder that holds the GGUF file")
         return data_mod.default_model_path()
     path = Path(cfg.model)
     if not path.is_dir():
@@ -321,6 +348,15 @@ def model_folder(cfg: FinetuneConfig) -> str:
             f"--model {path} {what}; give a model folder as save_pretrained writes it "
             "(config.json, weights, tokenizer)"
         )
+    if cfg.gguf_file:
+        if not (path / cfg.gguf_file).is_file():
+            raise UsageError(
+                f"--gguf-file {cfg.gguf_file} is not a file in --model {path}; give the name of "
+                "the .gguf file in that folder (or its path)"
+            )
+        if importlib.util.find_spec("gguf") is None:
+            raise UsageError('--gguf-file needs the gguf package: pip install "xgblora-fast[gguf]"')
+        return str(path)
     if not (path / "config.json").is_file():
         raise UsageError(
             f"--model {path} holds no config.json; give a model folder as save_pretrained "
@@ -358,7 +394,8 @@ def check_target_modules(cfg: FinetuneConfig) -> None:
     path = model_folder(cfg)
     try:
         with torch.device("meta"):
-            skeleton = auto.from_config(AutoConfig.from_pretrained(path))
+            gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+            skeleton = auto.from_config(AutoConfig.from_pretrained(path, **gguf))
     except Exception:  # only a pre-check: loading the model reports what is wrong
         return
     try:
@@ -645,7 +682,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         summary["successive_cosine"] = successive_cosine(booster)
     change = {}
     if cfg.measure_weight_change:
-        change = weight_change(model, cfg.model or data_mod.default_model_path())
+        change = weight_change(model, cfg)
     if change:
         summary["weight_change"] = {"mean": sum(change.values()) / len(change), "layers": change}
         if booster is not None:  # the length of the path the rounds took: net <= path
@@ -673,23 +710,38 @@ def plain_model(model: nn.Module, booster: Booster | None, cfg: FinetuneConfig) 
 
 
 @torch.no_grad()
-def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
+@contextlib.contextmanager
+def base_weights(cfg: FinetuneConfig) -> Iterator[dict[str, Callable[[], torch.Tensor]]]:
+    """``{key: read that tensor of the base checkpoint}``: one tensor at a time from the model
+    folder's ``*.safetensors``, or from a dequantised load of ``cfg.gguf_file``."""
+    folder = cfg.model or data_mod.default_model_path()
+    if cfg.gguf_file:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file)
+        yield {key: (lambda t=t: t) for key, t in base.state_dict().items()}
+        return
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        files = {}  # key -> its open file, each file opened once
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            f = stack.enter_context(safe_open(path, "pt"))
+            files.update(dict.fromkeys(f.keys(), f))
+        yield {key: (lambda f=f, key=key: f.get_tensor(key)) for key, f in files.items()}
+
+
+def weight_change(model: nn.Module, cfg: FinetuneConfig) -> dict[str, float]:
     """``|W - W0|_F / |W0|_F`` of every ``nn.Linear`` weight, ``W0`` from the base checkpoint.
 
     How far a fine-tune moved each layer (XGBLoRA and LoRA compared at equal steps). ``model``
     must have the base architecture (``plain_model``); its module names may carry a prefix the
     checkpoint's keys lack (``bert.`` of a classifier around a bare encoder). ``W0`` is read one
-    tensor at a time from ``base_folder/*.safetensors``. Layers the checkpoint lacks, holds with
-    another shape (a fresh head) or as zeros are left out; no safetensors files: ``{}``.
+    tensor at a time (``base_weights``). Layers the checkpoint lacks, holds with another shape
+    (a fresh head) or as zeros are left out; no base weights found: ``{}``.
     """
-    from safetensors import safe_open
-
     change = {}
-    with contextlib.ExitStack() as stack:
-        files = {}  # key -> its open file, each file opened once
-        for path in sorted(Path(base_folder).glob("*.safetensors")):
-            f = stack.enter_context(safe_open(path, "pt"))
-            files.update(dict.fromkeys(f.keys(), f))
+    with base_weights(cfg) as files:
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -698,7 +750,7 @@ def weight_change(model: nn.Module, base_folder: str) -> dict[str, float]:
             key = next((k for k in suffixes if k in files), None)
             if key is None:
                 continue
-            w0 = files[key].get_tensor(key).double()
+            w0 = files[key]().double()
             norm = float(w0.norm())
             if w0.shape == module.weight.shape and norm > 0:
                 # On the CPU, where W0 is: the model may sit on a GPU.

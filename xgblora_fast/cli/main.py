@@ -77,6 +77,7 @@ def _fraction_or_count(text: str) -> int | float:
 # --seed is FinetuneConfig's and sets the booster's seed too.
 FLAG_KWARGS: dict[str, dict[str, Any]] = {
     "model": {},
+    "gguf_file": {"metavar": "FILE"},
     "data": {},
     "eval_data": {"metavar": "FILE"},
     "task": {"choices": TASKS},
