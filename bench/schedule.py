@@ -120,6 +120,9 @@ VARIANTS: dict[str, list[str]] = {
     "L_s all, kappa 50": ["--layers-per-round", "1.0", "--kappa", "50"],
     "L_s all, kappa 200 (no restart in 200 steps)": ["--layers-per-round", "1.0", "--kappa", "200"],
     "L_s all, kappa growth 1.5": GROWING,
+    # Each restart's fresh a drawn orthogonal to every direction the layer merged before (new
+    # subspaces each round, as BoostLoRA), against the plain random restart above.
+    "L_s all, kappa growth 1.5, orthogonal": [*GROWING, "--booster-init", "orthogonal"],
     "L_s all, kappa growth 1.3": ["--layers-per-round", "1.0", "--kappa-growth", "1.3"],
     "L_s all, kappa growth 2": ["--layers-per-round", "1.0", "--kappa-growth", "2"],
     # The defaults (every layer, rounds growing 1.5x) with a longer first round: fewer restarts

@@ -300,16 +300,11 @@ def load_model(cfg: FinetuneConfig, num_labels: int):
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     path = model_folder(cfg)
     gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    # A folder's own tokenizer files come first; a bare GGUF file carries its tokenizer.
-    has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(path, **({} if has_tokenizer else gguf))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg)
     dtype = DTYPES[cfg.dtype]
     if cfg.task == "seq-cls":
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -324,6 +319,20 @@ def load_model(cfg: FinetuneConfig, num_labels: int):
         drop_quantization(model)
     fresh = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
     return model, tokenizer, fresh
+
+
+def load_tokenizer(cfg: FinetuneConfig):
+    """The model's tokenizer (pad token: eos where it has none): the folder's own tokenizer
+    files first, else the one a GGUF file carries."""
+    from transformers import AutoTokenizer
+
+    path = model_folder(cfg)
+    has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not has_tokenizer else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def drop_quantization(model: nn.Module) -> None:
