@@ -53,13 +53,18 @@ def weights(model):
 
 @pytest.mark.parametrize(
     "rounding, booster_init",
-    [("stochastic", "carry"), ("kahan", "carry"), ("stochastic", "orthogonal")],
+    [
+        ("stochastic", "carry"),
+        ("kahan", "carry"),
+        ("stochastic", "orthogonal"),
+        ("nearest", "orthogonal-gradient"),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_resume_mid_round_ends_with_the_same_weights(tmp_path, dtype, rounding, booster_init):
     """Kahan: the buffers of the merged layers are saved, and a fresh model (which allocates
-    them at its first Kahan merge) takes them from the checkpoint. Orthogonal: the resumed layers
-    rebuild their merged directions from the records, to the same bits."""
+    them at its first Kahan merge) takes them from the checkpoint. Orthogonal inits: the resumed
+    layers rebuild their merged directions from the records, to the same bits."""
     torch.manual_seed(123)
     straight = build(dtype, rounding=rounding, booster_init=booster_init)
     run_steps(*straight, 18, dtype)

@@ -96,7 +96,8 @@ def test_every_field_has_a_one_line_help_and_a_group(config):
     assert core == CORE[config]
 
 
-def test_orthogonal_boosters_need_the_merge_records():
-    assert XGBLoRAConfig(booster_init="orthogonal").record
-    with pytest.raises(ValueError, match="booster_init='orthogonal' needs record=True"):
-        XGBLoRAConfig(booster_init="orthogonal", record=False)
+@pytest.mark.parametrize("init", ["orthogonal", "orthogonal-gradient"])
+def test_orthogonal_boosters_need_the_merge_records(init):
+    assert XGBLoRAConfig(booster_init=init).record
+    with pytest.raises(ValueError, match=f"booster_init='{init}' needs record=True"):
+        XGBLoRAConfig(booster_init=init, record=False)

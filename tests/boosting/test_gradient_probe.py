@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 import xgblora_fast as xf
 from xgblora_fast.boosting.gradient_probe import GradientProbe, LayerGradient, top_singular_pair
+from xgblora_fast.boosting.strategies import merged_basis, orthogonal_part
 
 
 def _pairs(seed: int, shapes: list[int], K: int, M: int, dtype=torch.float32):
@@ -38,6 +40,25 @@ def test_power_iteration_matches_svd_of_the_explicit_gradient(backend, K, M, sha
     assert abs(float(u.double() @ U[:, 0])) == pytest.approx(1.0, abs=1e-5)
     # The pair is consistent: G v = sigma u.
     torch.testing.assert_close((G @ v.double()).float(), sigma * u, rtol=1e-4, atol=1e-5)
+
+
+def test_projected_power_iteration_finds_the_top_pair_outside_a_subspace():
+    """With ``project`` onto the complement of 3 orthonormal directions: the top pair of
+    ``G P`` (float64 SVD), and ``v`` orthogonal to those directions."""
+    K, M = 33, 17
+    pairs = _pairs(11, [9, 4], K, M)
+    G = _explicit(pairs)
+    _, _, Vh = torch.linalg.svd(G)
+    # The removed directions include G's own top one, so the answer has to change.
+    taken = torch.linalg.qr(torch.stack([Vh[0], *torch.randn(2, K, dtype=torch.float64)]).T).Q.T
+    P = torch.eye(K, dtype=torch.float64) - taken.T @ taken
+    _, S, Vh_p = torch.linalg.svd(G @ P)
+    project = functools.partial(orthogonal_part, basis=taken.float())  # what the Booster uses
+    sigma, _, v = top_singular_pair(LayerGradient(pairs), torch.ones(K), 300, project)
+    assert sigma == pytest.approx(float(S[0]), rel=1e-5)
+    assert float(S[0]) < 0.99 * float(torch.linalg.svdvals(G)[0])
+    assert abs(float(v.double() @ Vh_p[0])) == pytest.approx(1.0, abs=1e-5)
+    assert (taken @ v.double()).abs().max() < 1e-6
 
 
 def test_power_iteration_on_bf16_activations_finds_a_dominant_direction():
@@ -239,3 +260,38 @@ def test_the_literal_recipe_runs_no_probes():
     )
     booster = _train(cfg, 6)
     assert all(h["gradient_sigma"] == {} and h["unit_scores"] == {} for h in booster.history)
+
+
+def test_orthogonal_gradient_rounds_start_outside_the_merged_directions():
+    """``booster_init="orthogonal-gradient"`` with rounds of one step (so a merged ``a`` is the
+    round's gradient-init ``a``, unmoved: Adam's first step on a zero gradient is zero): every
+    layer's merged directions are mutually orthogonal, and each round did start from the
+    gradient (sigma > 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    cfg = xf.XGBLoRAConfig(
+        booster_init="orthogonal-gradient", kappa=1, kappa_growth=1.0, weight_decay=0.0, seed=2
+    )
+    booster = xf.Booster(model, cfg)
+    optimizer = torch.optim.AdamW(booster.param_groups(), lr=1e-2)
+    booster.attach(optimizer)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        x, target = torch.randn(32, 12, generator=g), torch.randn(32, 3, generator=g)
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        booster.step(loss.item())
+    assert len(booster.history) == 6
+    assert all(sigma > 0 for h in booster.history for sigma in h["gradient_sigma"].values())
+    for name, record in booster.records.items():
+        a = record.a.double()
+        a = a / a.norm(dim=1, keepdim=True)
+        off_diagonal = a @ a.T - torch.eye(len(a), dtype=torch.float64)
+        assert len(a) == 6 and off_diagonal.abs().max() < 1e-5, name
+    # A resumed layer (no live basis) rebuilds it from its record to the same bits.
+    for layer in booster.layers.values():
+        live = layer.merged_basis
+        del layer.merged_basis
+        assert live.shape[0] == 6 and torch.equal(merged_basis(layer), live)

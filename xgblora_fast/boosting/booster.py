@@ -31,6 +31,7 @@ vectors, so the extra all-reduce is negligible).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -42,6 +43,7 @@ import torch.nn as nn
 
 from xgblora_fast.boosting.config import (
     DEFAULT_BOOSTER_KEEP,
+    GRADIENT_INITS,
     KEEPING_INITS,
     XGBLoRAConfig,
 )
@@ -51,7 +53,7 @@ from xgblora_fast.boosting.gradient_probe import (
     top_singular_pair,
 )
 from xgblora_fast.boosting.records import MergeRecord
-from xgblora_fast.boosting.strategies import strategy_for
+from xgblora_fast.boosting.strategies import merged_basis, orthogonal_part, strategy_for
 from xgblora_fast.nn.layer import FastRank1Linear, is_dtensor, local_rows
 from xgblora_fast.nn.patching import inject, targeted_names, task_heads
 from xgblora_fast.ops import checks
@@ -394,7 +396,7 @@ class Booster:
         """Whether the current round's boosters start from the gradient."""
         cfg = self.config
         limit = cfg.gradient_init_rounds
-        return cfg.booster_init == "gradient" and (limit is None or self.round < limit)
+        return cfg.booster_init in GRADIENT_INITS and (limit is None or self.round < limit)
 
     def _disarm_probes(self) -> None:
         for probe in (self._init_probe, self._norm_probe):
@@ -477,8 +479,11 @@ class Booster:
             # and writes its own rows of a and of the sharded gradients.
             whole_a = a.full_tensor() if is_dtensor(a) else a
             norm = float(whole_a.float().norm())
+            project = None
+            if self.config.booster_init == "orthogonal-gradient":  # v1 outside merged a's
+                project = functools.partial(orthogonal_part, basis=merged_basis(layer))
             sigma, u, v = top_singular_pair(
-                probe.gradient(name, layer.backend), whole_a, self.config.power_iters
+                probe.gradient(name, layer.backend), whole_a, self.config.power_iters, project
             )
             _write_rows_(a, v * norm)
             for p in (a, b):

@@ -15,7 +15,9 @@ from xgblora_fast.nn.patching import check_target_modules
 from xgblora_fast.ops.checks import ROUNDINGS
 
 SAMPLE_BY = ("block", "module")
-BOOSTER_INITS = ("random", "gradient", "carry", "redraw", "orthogonal")
+BOOSTER_INITS = ("random", "gradient", "carry", "redraw", "orthogonal", "orthogonal-gradient")
+# The inits whose rounds start from the weight gradient's top singular pair.
+GRADIENT_INITS = ("gradient", "orthogonal-gradient")
 # The inits whose merges keep the booster (booster_keep applies): "redraw" keeps b, not a.
 KEEPING_INITS = ("carry", "redraw")
 SELECTIONS = ("uniform", "gradient")
@@ -178,7 +180,8 @@ class XGBLoRAConfig:
             "how a round's booster starts: carry (the a its layer trained last), random (a "
             "fresh a, b = 0: the paper's restart), gradient (a along the top singular vector of "
             "dL/dW), redraw (as carry, with a fresh a at each merge and the difference merged "
-            "into W) or orthogonal (as random, a drawn orthogonal to the layer's merged a's)",
+            "into W), orthogonal (as random, a drawn orthogonal to the layer's merged a's) or "
+            "orthogonal-gradient (as gradient, the top singular pair in that complement)",
             core=True,
         ),
     )
@@ -275,10 +278,10 @@ class XGBLoRAConfig:
                 f"from b = 0 keeps nothing), got booster_init={self.booster_init!r}"
             )
         _check_int("gradient_init_rounds", self.gradient_init_rounds, 1, optional=True)
-        if self.gradient_init_rounds is not None and self.booster_init != "gradient":
+        if self.gradient_init_rounds is not None and self.booster_init not in GRADIENT_INITS:
             raise ValueError(
-                "XGBLoRAConfig.gradient_init_rounds needs booster_init='gradient', got "
-                f"booster_init={self.booster_init!r}"
+                "XGBLoRAConfig.gradient_init_rounds needs booster_init='gradient' (or "
+                f"'orthogonal-gradient'), got booster_init={self.booster_init!r}"
             )
         _check_choice("select", self.select, SELECTIONS)
         _check_int("power_iters", self.power_iters, 1)
@@ -292,10 +295,10 @@ class XGBLoRAConfig:
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise _config_error(ValueError, "seed", seeds, self.seed)
         _check_bool("record", self.record)
-        if self.booster_init == "orthogonal" and not self.record:
+        if self.booster_init.startswith("orthogonal") and not self.record:
             raise ValueError(
-                "XGBLoRAConfig.booster_init='orthogonal' needs record=True (a resumed run "
-                "rebuilds the merged directions from the merge records)"
+                f"XGBLoRAConfig.booster_init={self.booster_init!r} needs record=True (a resumed "
+                "run rebuilds the merged directions from the merge records)"
             )
 
     @property

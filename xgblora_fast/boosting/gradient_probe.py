@@ -85,20 +85,26 @@ class LayerGradient:
 
 
 def top_singular_pair(
-    gradient: LayerGradient, start: torch.Tensor, iters: int
+    gradient: LayerGradient,
+    start: torch.Tensor,
+    iters: int,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Power iteration on ``G^T G``: ``(sigma1, u1 [M], v1 [K])``, fp32, unit vectors.
 
     ``start`` (``[K]``, any nonzero vector) fixes the sign: ``v1 . start > 0`` always holds,
     since every iterate is ``(G^T G)^k start`` up to a positive factor. Each iteration costs
-    two passes over ``x`` and two over ``dy``. Returns zeros when ``G`` is zero.
+    two passes over ``x`` and two over ``dy``. Returns zeros when ``G`` is zero. ``project``
+    (an orthogonal projection, e.g. onto the complement of merged directions) restricts ``v``
+    to its range: the top pair of ``G P`` (every iterate projected).
     """
-    v = start.detach().float()
+    project = project or (lambda v: v)
+    v = project(start.detach().float())
     v = v / v.norm().clamp_min(1e-30)
     for _ in range(iters):
         u = gradient.matvec(v)
         u = u / u.norm().clamp_min(1e-30)
-        v = gradient.rmatvec(u)
+        v = project(gradient.rmatvec(u))
         v = v / v.norm().clamp_min(1e-30)
     u = gradient.matvec(v)
     sigma = float(u.norm())

@@ -14,6 +14,8 @@ fraction ``beta`` of the booster a merge leaves in place (``booster_keep``; 0 at
 - ``Orthogonal`` (``"orthogonal"``): as ``Restart``, with each new ``a`` drawn in the orthogonal
   complement of the directions the layer has merged, so that every round explores a new input
   subspace instead of the top directions found before (as BoostLoRA, arXiv 2604.27308, does).
+  ``"orthogonal-gradient"`` restarts the same way and re-aims ``a`` at the next round's first
+  step along the gradient's top singular pair within that complement.
 - ``Redraw`` (``"redraw"``): as ``Carry``, but the kept booster moves to a fresh seeded ``a'``
   with the norm of ``a``, and ``W`` takes the difference: ``v = step (1 - beta) a + beta (a - a')``,
   ``t = 1``; then ``a <- a'``, ``b <- beta b``. The function is unchanged too (``step = 1``).
@@ -68,13 +70,8 @@ class Orthogonal(Restart):
         self, layer: FastRank1Linear, plan: MergePlan, keep: float, generator: torch.Generator
     ) -> None:
         basis = getattr(layer, "merged_basis", None)
-        if basis is None:
-            basis = torch.zeros(0, layer.in_features, device=layer.lora_a.device)
-            # A resumed run: the record's earlier merges (its last row is this merge).
-            record = getattr(layer, "merge_record", None)
-            earlier = record.a[:-1] if record is not None and len(record.rounds) > 1 else ()
-            for direction in earlier:
-                basis = with_direction(basis, direction.to(basis.device))
+        if basis is None:  # a resumed run: the record's last row is this very merge
+            basis = recorded_basis(layer, drop_last=True)
         layer.merged_basis = basis = with_direction(basis, plan.direction.detach().float())
         drawn = layer.draw_a(generator)
         free = orthogonal_part(drawn.float(), basis)
@@ -83,6 +80,26 @@ class Orthogonal(Restart):
         if norm > 1e-3 * drawn.float().norm():
             drawn = (free * (drawn.float().norm() / norm)).to(drawn.dtype)
         layer.reset_(a=drawn)
+
+
+def merged_basis(layer: FastRank1Linear) -> torch.Tensor:
+    """The layer's merged directions, orthonormal rows ``[T, in]`` fp32 on its device (rebuilt
+    from its merge record after a resume; ``[0, in]`` before any merge)."""
+    basis = getattr(layer, "merged_basis", None)
+    if basis is None:
+        layer.merged_basis = basis = recorded_basis(layer)
+    return basis
+
+
+def recorded_basis(layer: FastRank1Linear, drop_last: bool = False) -> torch.Tensor:
+    """Gram-Schmidt over the ``a`` of the layer's recorded merges, in merge order (the steps a
+    live run took, so the same bits), without the last one if ``drop_last``."""
+    basis = torch.zeros(0, layer.in_features, device=layer.lora_a.device)
+    record = getattr(layer, "merge_record", None)
+    rows = len(record.rounds) - drop_last if record is not None else 0
+    for direction in record.a[:rows] if rows > 0 else ():
+        basis = with_direction(basis, direction.to(basis.device))
+    return basis
 
 
 def orthogonal_part(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -156,6 +173,7 @@ STRATEGIES: dict[str, Restart | Carry] = {
     "random": Restart(),
     "gradient": Restart(),
     "orthogonal": Orthogonal(),
+    "orthogonal-gradient": Orthogonal(),
     "carry": Carry(),
     "redraw": Redraw(),
 }
