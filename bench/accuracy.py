@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -316,24 +317,34 @@ def baselines(methods: dict[str, list[dict]]) -> list[str]:
     return [name for name in methods if not name.startswith("XGBLoRA")]
 
 
-def seed_differences(ours: list[dict], theirs: list[dict]) -> list[float]:
-    """``ours - theirs`` accuracy, seed by seed, over the seeds both ran."""
-    theirs_by_seed = {r["seed"]: r["after"]["accuracy"] for r in theirs}
-    return [
-        r["after"]["accuracy"] - theirs_by_seed[r["seed"]]
-        for r in ours
-        if r["seed"] in theirs_by_seed
-    ]
+def accuracy_of(run: dict) -> float:
+    return run["after"]["accuracy"]
 
 
-def paired_difference(ours: list[dict], theirs: list[dict]) -> str:
-    """``ours - theirs`` over the seeds both ran: mean ± standard error, seeds ahead/behind."""
-    diffs = seed_differences(ours, theirs)
+def seed_differences(
+    ours: list[dict], theirs: list[dict], value: Callable[[dict], float] = accuracy_of
+) -> list[float]:
+    """``value(ours) - value(theirs)`` (default: the accuracy), seed by seed, over the seeds
+    both ran."""
+    theirs_by_seed = {r["seed"]: value(r) for r in theirs}
+    return [value(r) - theirs_by_seed[r["seed"]] for r in ours if r["seed"] in theirs_by_seed]
+
+
+def paired_difference(
+    ours: list[dict],
+    theirs: list[dict],
+    value: Callable[[dict], float] = accuracy_of,
+    lower_is_better: bool = False,
+) -> str:
+    """``ours - theirs`` over the seeds both ran: mean ± standard error, and on how many seeds
+    ours is ahead / behind (for a loss, ``lower_is_better``: ahead is lower)."""
+    diffs = seed_differences(ours, theirs, value)
     if not diffs:
         return "-"
     mean, sd = mean_sd(diffs)
     error = f" ± {sd / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
-    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    sign = -1 if lower_is_better else 1
+    ahead, behind = sum(sign * d > 0 for d in diffs), sum(sign * d < 0 for d in diffs)
     return f"{mean:+.4f}{error} ({len(diffs)} seeds, ahead on {ahead}, behind on {behind})"
 
 

@@ -37,13 +37,14 @@ import statistics
 import sys
 import tempfile
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import RESULTS, loss_curve, mean_sd, run_process, save_run
+from accuracy import RESULTS, loss_curve, mean_sd, paired_difference, run_process, save_run
 
 from xgblora_fast.cli import data as data_mod
 
@@ -481,21 +482,6 @@ def cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def paired_difference(ours: list[dict], theirs: list[dict], metric: str) -> str:
-    """``ours - theirs`` of ``metric`` over the seeds both ran: mean ± standard error, and on
-    how many seeds ours is better (lower loss, higher accuracy)."""
-    theirs_by_seed = {r["seed"]: r[metric] for r in theirs}
-    diffs = [r[metric] - theirs_by_seed[r["seed"]] for r in ours if r["seed"] in theirs_by_seed]
-    if not diffs:
-        return "-"
-    mean, sd = mean_sd(diffs)
-    error = f" ± {sd / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
-    lower = METRICS[metric][1]
-    better = sum(d < 0 if lower else d > 0 for d in diffs)
-    seeds = f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}"
-    return f"{mean:+.4f}{error} ({seeds}, better on {better})"
-
-
 def grid_table(runs: dict[str, dict], args: argparse.Namespace) -> list[str]:
     best = best_lrs(runs, args)
     lines = [
@@ -587,8 +573,8 @@ def paired_differences(budgets: dict[int, dict[str, list[dict]]]) -> list[str]:
         "## Paired differences",
         "",
         "XGBLoRA minus the baseline, seed by seed over the seeds both ran (same data order): "
-        "mean ± standard error, the seeds, and on how many XGBLoRA is better (lower loss, "
-        "higher accuracy).",
+        "mean ± standard error, the seeds, and on how many XGBLoRA is ahead and behind (ahead: "
+        "lower loss, higher accuracy).",
     ]
     for steps, methods in budgets.items():
         ours = [n for n in methods if n.startswith("XGBLoRA")]
@@ -604,7 +590,10 @@ def paired_differences(budgets: dict[int, dict[str, list[dict]]]) -> list[str]:
         ]
         for mine in ours:
             for other in theirs:
-                diffs = [paired_difference(methods[mine], methods[other], m) for m in METRICS]
+                diffs = [
+                    paired_difference(methods[mine], methods[other], itemgetter(m), lower)
+                    for m, (_, lower) in METRICS.items()
+                ]
                 lines.append(f"| {mine} | {other} | " + " | ".join(diffs) + " |")
     return lines
 

@@ -156,7 +156,7 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
     assert any(line.startswith(f"| {LORA} | 0.01 | 2 |") for line in table)
     paired = md[md.index("## Paired differences") :]
     row = next(line for line in paired.splitlines() if line.startswith(f"| {XGB} | {LORA} |"))
-    assert row.count("(2 seeds, better on") == len(cs.METRICS)
+    assert row.count("(2 seeds, ahead on") == len(cs.METRICS)
     assert (out / "causal_study.png").stat().st_size > 5000
 
     # Cached runs are not repeated: a second invocation starts no process.

@@ -323,3 +323,12 @@ def test_study_entries_pin_the_schedule_so_new_defaults_do_not_move_cached_runs(
         expected, total_steps=parsed.steps, booster_keep=DEFAULT_BOOSTER_KEEP
     )
     assert parsed.lr == finetune.FinetuneConfig(method="xgblora").lr
+
+
+def test_paired_difference_of_a_loss_counts_lower_as_ahead():
+    ours = [{"seed": 0, "loss": 1.0}, {"seed": 1, "loss": 2.0}, {"seed": 2, "loss": 9.0}]
+    theirs = [{"seed": 0, "loss": 1.5}, {"seed": 1, "loss": 1.9}]  # seed 2 not run: left out
+    cell = accuracy.paired_difference(ours, theirs, lambda r: r["loss"], lower_is_better=True)
+    assert cell == "-0.2000 ± 0.3000 (2 seeds, ahead on 1, behind on 1)"
+    higher = accuracy.paired_difference(ours[:1], theirs, lambda r: r["loss"])
+    assert higher == "-0.5000 (1 seeds, ahead on 0, behind on 1)"
