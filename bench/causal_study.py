@@ -25,8 +25,7 @@ over the steps. Every invocation prints the remaining runs and an estimate of th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import concurrent.futures
 import hashlib
 import importlib.util
 import json
@@ -54,6 +53,10 @@ TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BATCH_SIZE = 4
 MAX_LENGTH = 64  # 128 would about double every run (and the held-out evaluations)
 EVAL_EVERY = 100  # every 50 cost a third of a 200-step run (300 rows, forward only)
+EVAL_BATCH_SIZE = 16  # rows per evaluation batch: 16 x 64 x 49k-vocabulary logits = 200 MB
+COST_STEPS = 40  # stage cost: each method's time per step and training memory, alone
+# Bump when what a cached run measures changes: its runs are then kept apart (another --out).
+PROTOCOL = 2  # 2: held-out loss per predicted token, training time without evaluations
 GRID_STEPS = 200
 # The prepared data: held-out conversations (each with >= CONTEXT_TURNS + 1 turns, for response
 # selection), news articles, distractors per selection item. DATA_VERSION names the recipe in
@@ -298,65 +301,30 @@ def response_selection(model, tokenizer, items: list[dict], max_length: int) -> 
 
 
 # ---------------------------------------------------------------- one run (the worker process)
-def peak_rss_mib() -> float | None:
-    """This process's peak resident memory since the last ``reset_peak_rss`` (Linux)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
-
-
-def reset_peak_rss() -> None:
-    """Restart the peak-RSS count from the memory in use (Linux: glibc's ``malloc_trim`` hands
-    freed heap pages back, then 5 written to /proc/self/clear_refs); elsewhere nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def time_evaluations(timings: list[float]) -> None:
-    """Make the CLI's held-out evaluations run at its training batch size, timed into
-    ``timings``; the first (before training, after the model loaded) restarts the peak-RSS count.
-
-    Why: its evaluation batch of 128 rows would hold 1.6 GB of logits (49k vocabulary, 64
-    tokens): the run's memory peak, not the training's; its ``seconds_per_step`` counts the
-    evaluations inside the loop; and loading the GGUF (dequantising) peaks above LoRA's training.
-    """
-    from xgblora_fast.cli import finetune
-
-    evaluate = finetune.evaluate
-
-    def timed(model, tokenizer, rows, cfg, batch_size=None):  # batch_size: the CLI's, unused
-        if not timings:
-            reset_peak_rss()
-        start = time.perf_counter()
-        result = evaluate(model, tokenizer, rows, cfg, batch_size=cfg.batch_size)
-        timings.append(time.perf_counter() - start)
-        return result
-
-    finetune.evaluate = timed
-
-
 def worker(spec_path: Path) -> None:
     """One run, as ``run_one`` describes it in ``spec_path`` (JSON); writes ``result.json``
-    next to it. Without CLI options, only evaluates the base model."""
+    next to it. Without CLI options, only evaluates the base model; with ``score`` off, only
+    trains (a cost run)."""
+    import torch
+
     from xgblora_fast.cli import finetune
     from xgblora_fast.cli.main import main as cli_main
 
     spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
     out, data = spec_path.parent, Path(spec["data_dir"])
-    common = dict(task="causal-lm", max_length=spec["max_length"], batch_size=spec["batch_size"])
-    timings: list[float] = []
-    time_evaluations(timings)
+    common = dict(
+        task="causal-lm",
+        max_length=spec["max_length"],
+        batch_size=spec["batch_size"],
+        eval_batch_size=EVAL_BATCH_SIZE,
+    )
     result: dict = {}
     if spec["cli"]:
         status = cli_main(["finetune", *spec["cli"], "--output", str(out)])
         if status:
             raise SystemExit(status)
         summary = json.loads((out / "summary.json").read_text())
-        steps = summary["steps"]
-        inside = sum(timings[1:-1])  # before training, in the loop, after training
         history = out / "history.json"
         result = {
             "method": summary["method"],
@@ -364,10 +332,11 @@ def worker(spec_path: Path) -> None:
             "before_loss": summary["before"]["loss"],
             "curve": [[e["step"], e["loss"]] for e in summary["evals"]],
             "loss_curve": loss_curve(summary["train_loss"]),
-            "seconds_per_step": (summary["seconds_per_step"] * steps - inside) / steps,
+            "seconds_per_step": summary["seconds_per_step"],  # evaluations apart
+            "eval_seconds": summary["eval_seconds"],
+            "phase_peak_rss_mib": summary["phase_peak_rss_mib"],
             "trainable_params_per_step": summary["trainable_params_per_step"],
             "cumulative_trainable_params": summary["cumulative_trainable_params"],
-            "peak_rss_mib": peak_rss_mib(),  # training and its evaluations, after loading
             **(
                 {"xgblora_config": json.loads(history.read_text())["config"]}
                 if history.is_file()
@@ -379,17 +348,20 @@ def worker(spec_path: Path) -> None:
         model_cfg = finetune.FinetuneConfig(
             model=spec["model"], gguf_file=spec["gguf_file"], **common
         )
-    model, tokenizer, _ = finetune.load_model(model_cfg, 0)
-    model.eval()
-    limit = spec["eval_limit"]
-    if not spec["cli"]:
-        rows = read_jsonl(data / "eval.jsonl", limit)
-        result["in_domain_loss"] = finetune.evaluate(model, tokenizer, rows, model_cfg)["loss"]
-    ood = read_jsonl(data / "ood.jsonl", limit)
-    result["ood_loss"] = finetune.evaluate(model, tokenizer, ood, model_cfg)["loss"]
-    items = read_jsonl(data / "selection.jsonl", limit)
-    result["selection_accuracy"] = response_selection(model, tokenizer, items, spec["max_length"])
-    result["selection_items"] = len(items)
+    if spec["score"]:
+        model, tokenizer, _ = finetune.load_model(model_cfg, 0)
+        model.eval()
+        limit = spec["eval_limit"]
+        if not spec["cli"]:
+            rows = read_jsonl(data / "eval.jsonl", limit)
+            result["in_domain_loss"] = finetune.evaluate(model, tokenizer, rows, model_cfg)["loss"]
+        ood = read_jsonl(data / "ood.jsonl", limit)
+        result["ood_loss"] = finetune.evaluate(model, tokenizer, ood, model_cfg)["loss"]
+        items = read_jsonl(data / "selection.jsonl", limit)
+        result["selection_accuracy"] = response_selection(
+            model, tokenizer, items, spec["max_length"]
+        )
+        result["selection_items"] = len(items)
     (out / "result.json").write_text(json.dumps(result))
 
 
@@ -400,10 +372,13 @@ def run_one(spec: dict) -> dict:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, __file__, "--worker", str(spec_path)]
-        peak_rss_mib, wall_seconds = run_process(cmd, Path(tmp))
+        exit_peak, wall_seconds = run_process(cmd, Path(tmp))
         result = json.loads((Path(tmp) / "result.json").read_text())
-    result["peak_rss_process_mib"] = peak_rss_mib
+    # the CLI restarts the kernel's peak per phase: the process's is the highest of them all
+    phases = result.get("phase_peak_rss_mib", {})
+    result["peak_rss_process_mib"] = max([exit_peak, *phases.values()])
     result["wall_seconds"] = wall_seconds
+    result["threads"] = spec["threads"]
     return result
 
 
@@ -425,10 +400,23 @@ def best_lrs(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, float
     return best
 
 
-def plan(stage: str, runs: dict[str, dict], args: argparse.Namespace) -> list[tuple]:
+def plan(stage: str, results: dict, args: argparse.Namespace) -> list[tuple]:
     """The runs ``stage`` still needs, ``(name, lr, steps, seed)`` (``(BASE, ...)`` for the
-    base model); main: for the methods whose grid is complete (SystemExit if none is)."""
+    base model); main and cost: for the methods whose grid is complete (SystemExit if one of
+    ``--methods`` is not)."""
+    runs = results["runs"]
     todo: list[tuple] = []
+    if stage == "cost":
+        best = best_lrs(runs, args)
+        missing = [name for name in args.methods if name not in best]
+        if missing:
+            raise SystemExit(f"no complete lr grid for {missing}: run --stage grid first")
+        done = results.get("cost", {})
+        return [
+            (name, best[name], COST_STEPS, 0)
+            for name in args.methods
+            if args.refresh or done.get(name, {}).get("lr") != best[name]
+        ]
     if stage == "grid":
         todo = [(BASE, 0.0, 0, 0)] if BASE not in runs else []
         todo += [
@@ -527,10 +515,11 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         "loss (one exchange per held-out conversation), out-of-domain loss (BBC News, first "
         f"{settings['max_length']} tokens of each article), response selection (true next turn "
         "vs 3 turns of other held-out chats by mean token log-likelihood; chance 0.25). Mean ± "
-        "sd over seeds (a seed fixes the data order, the same for every method). s / step: "
-        "training only (2 CPU cores, indicative); peak RSS: training with its evaluations after "
-        "the model loaded / the whole process (the GGUF's dequantising load included). Options "
-        "per method: `bench/causal_study.py`.",
+        "sd over seeds (a seed fixes the data order, the same for every method). s / step and "
+        f"training peak RSS: a {COST_STEPS}-step run of each method alone on the 2 CPU cores, "
+        "evaluations apart (indicative); process peak RSS: the most of any of its runs, the "
+        "GGUF's dequantising load and the evaluations included. Options per method: "
+        "`bench/causal_study.py`.",
     ]
     if BASE in runs:
         base = runs[BASE]
@@ -545,7 +534,7 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
             "",
             "| method | lr | seeds | "
             + " | ".join(title for title, _ in METRICS.values())
-            + " | s / step | peak RSS MiB | trainable / step |",
+            + " | s / step | peak RSS MiB: training / process | trainable / step |",
             "|---|---|---|" + "---|" * (len(METRICS) + 3),
         ]
         for name, method_runs in methods.items():
@@ -553,12 +542,13 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
                 cell([r[m] for r in method_runs], 3 if m == "selection_accuracy" else 4)
                 for m in METRICS
             )
-            peak = max(r["peak_rss_mib"] or 0.0 for r in method_runs)
+            cost = results.get("cost", {}).get(name)
             process = max(r["peak_rss_process_mib"] for r in method_runs)
+            training = cost and cost["phase_peak_rss_mib"].get("training")
+            per_step = f"{cost['seconds_per_step']:.2f}" if cost else "–"
             lines.append(
                 f"| {name} | {method_runs[0]['lr']:g} | {len(method_runs)} | {values} "
-                f"| {statistics.fmean(r['seconds_per_step'] for r in method_runs):.2f} "
-                f"| {peak:.0f} / {process:.0f} "
+                f"| {per_step} | {f'{training:.0f}' if training else '–'} / {process:.0f} "
                 f"| {method_runs[0]['trainable_params_per_step']:,} |"
             )
     lines += paired_differences(budgets)
@@ -629,13 +619,19 @@ def plot(budgets: dict[int, dict[str, list[dict]]], path: Path) -> None:
 # ---------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=("grid", "main", "all"), default="all")
+    p.add_argument("--stage", choices=("grid", "main", "cost", "all"), default="all")
     p.add_argument("--steps", type=int, nargs="+", default=[200, 1000], help="main budgets")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="main seeds")
     p.add_argument("--grid-steps", type=int, default=GRID_STEPS)
     p.add_argument("--lrs", type=float, nargs="+", help="one grid for every method (smoke runs)")
     p.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="NAME"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="grid and main runs side by side, the cores shared out (cost runs go alone)",
     )
     p.add_argument("--budget-hours", type=float, help="start no run expected to end after it")
     p.add_argument("--refresh", action="store_true", help="run cached runs again (replace them)")
@@ -647,7 +643,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, help="train rows (default: all)")
     p.add_argument("--eval-limit", type=int, help="rows of each held-out set (default: all)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one run: run_one's process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -665,11 +664,12 @@ def main(argv: list[str] | None = None) -> None:
         "max_length": args.max_length,
         "train_limit": args.train_limit,
         "eval_limit": args.eval_limit,
+        "protocol": PROTOCOL,
     }
     path = args.out / "causal_study.json"
     if not path.exists():
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": settings, "runs": {}}))
+        path.write_text(json.dumps({"settings": settings, "runs": {}, "cost": {}}))
     results = json.loads(path.read_text())
     if results["settings"] != settings:
         raise SystemExit(f"{path} holds runs with {results['settings']}; use another --out")
@@ -682,27 +682,72 @@ def main(argv: list[str] | None = None) -> None:
         "eval_limit": args.eval_limit,
     }
     started = time.perf_counter()
-    for stage in ("grid", "main") if args.stage == "all" else (args.stage,):
-        todo = plan(stage, results["runs"], args)
-        print(f"{stage}: {len(todo)} runs, about {hours(todo, results['runs']):.1f} h")
-        for i, (name, lr, steps, seed) in enumerate(tqdm(todo, desc=stage, unit="run")):
-            elapsed = (time.perf_counter() - started) / 3600
-            if args.budget_hours and elapsed + hours(todo[i : i + 1], results["runs"]) > (
-                args.budget_hours
-            ):
-                left = hours(todo[i:], results["runs"])
-                print(f"--budget-hours: stopped with {len(todo) - i} runs left, about {left:.1f} h")
-                write_report(results, args, args.out)
-                return
-            options = [] if name == BASE else cli_options(name, lr, steps, seed, args, spec)
-            record = run_one(spec | {"cli": options})
-            record |= {"name": name, "lr": lr, "steps": steps, "seed": seed}
-            run_key = BASE if name == BASE else key(name, lr, steps, seed)
-            results = save_run(path, run_key, record, section="runs")
-            write_report(results, args, args.out)  # partial results survive an interruption
+    for stage in ("grid", "main", "cost") if args.stage == "all" else (args.stage,):
+        results = json.loads(path.read_text())
+        todo = plan(stage, results, args)
+        jobs = 1 if stage == "cost" else args.jobs
+        print(f"{stage}: {len(todo)} runs, about {hours(todo, results['runs']) / jobs:.1f} h")
+        if not run_stage(stage, todo, jobs, spec, args, path, started):
+            break
+    results = json.loads(path.read_text())
     write_report(results, args, args.out)
     if results["runs"]:
         print((args.out / "causal_study.md").read_text())
+
+
+def run_stage(
+    stage: str,
+    todo: list[tuple],
+    jobs: int,
+    spec: dict,
+    args: argparse.Namespace,
+    path: Path,
+    started: float,
+) -> bool:
+    """Run ``todo``, ``jobs`` worker processes at a time (the cores shared out), caching each
+    result as it ends; False if ``--budget-hours`` stopped it."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs = json.loads(path.read_text())["runs"]
+    running: dict[concurrent.futures.Future, tuple] = {}
+    with (
+        concurrent.futures.ThreadPoolExecutor(jobs) as pool,
+        tqdm(total=len(todo), desc=stage, unit="run") as bar,
+    ):
+        queue = list(todo)
+        stopped = False
+        while queue or running:
+            while queue and len(running) < jobs and not stopped:
+                name, lr, steps, seed = queue[0]
+                elapsed = (time.perf_counter() - started) / 3600
+                if args.budget_hours and elapsed + hours(queue[:1], runs) / jobs > (
+                    args.budget_hours
+                ):
+                    left = hours(queue, runs) / jobs
+                    print(f"--budget-hours: stopping, {len(queue)} runs left (about {left:.1f} h)")
+                    stopped = True
+                    break
+                queue.pop(0)
+                options = [] if name == BASE else cli_options(name, lr, steps, seed, args, spec)
+                if stage == "cost":
+                    options += ["--eval-every", "0", "--eval-limit", "8", "--no-save-model"]
+                run_spec = spec | {"cli": options, "threads": threads, "score": stage != "cost"}
+                running[pool.submit(run_one, run_spec)] = (name, lr, steps, seed)
+            if not running:
+                break
+            done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+            for future in done:
+                name, lr, steps, seed = running.pop(future)
+                record = future.result() | {"name": name, "lr": lr, "steps": steps, "seed": seed}
+                record["jobs"] = jobs
+                if stage == "cost":
+                    results = save_run(path, name, record, section="cost")
+                else:
+                    run_key = BASE if name == BASE else key(name, lr, steps, seed)
+                    results = save_run(path, run_key, record, section="runs")
+                runs = results["runs"]
+                write_report(results, args, args.out)  # partial results survive an interruption
+                bar.update()
+    return not stopped
 
 
 def cli_options(
@@ -716,7 +761,8 @@ def cli_options(
         "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
         "--steps", str(steps), "--seed", str(seed), "--lr", f"{lr:g}",
         "--batch-size", str(BATCH_SIZE), "--max-length", str(args.max_length),
-        "--eval-every", str(EVAL_EVERY), "--target-modules", TARGETS,
+        "--eval-every", str(EVAL_EVERY), "--eval-batch-size", str(EVAL_BATCH_SIZE),
+        "--target-modules", TARGETS,
         "--no-measure-weight-change",
         *(["--train-limit", str(args.train_limit)] if args.train_limit else []),
         *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,10 +121,18 @@ def test_best_lr_is_the_lowest_held_out_loss_and_main_waits_for_a_complete_grid(
         for lr, loss in losses.items()
     }
     assert cs.best_lrs(runs, args) == {XGB: 5e-3}
-    assert cs.plan("main", runs, args) == [(XGB, 5e-3, 200, 1)]  # seed 0 is the grid's run
+    results = {"runs": runs, "cost": {}}
+    assert cs.plan("main", results, args) == [(XGB, 5e-3, 200, 1)]  # seed 0 is the grid's run
+    # The cost run goes at the best lr, and again once the best lr changes.
+    assert cs.plan("cost", results, args) == [(XGB, 5e-3, cs.COST_STEPS, 0)]
+    results["cost"][XGB] = {"lr": 5e-3}
+    assert cs.plan("cost", results, args) == []
+    results["cost"][XGB] = {"lr": 2e-3}
+    assert cs.plan("cost", results, args) == [(XGB, 5e-3, cs.COST_STEPS, 0)]
     del runs[cs.key(XGB, 2e-3, 200, 0)]
-    with pytest.raises(SystemExit, match="grid"):
-        cs.plan("main", runs, args)
+    for stage in ("main", "cost"):
+        with pytest.raises(SystemExit, match="grid"):
+            cs.plan(stage, results, args)
 
 
 @pytest.mark.slow
@@ -137,23 +146,39 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = ["--model", str(model), "--data-dir", str(data), "--out", str(out)]
     argv += ["--methods", XGB, LORA, "--lrs", "1e-2", "--grid-steps", "3", "--steps", "3"]
-    argv += ["--seeds", "0", "1", "--max-length", "16"]
+    argv += ["--seeds", "0", "1", "--max-length", "16", "--jobs", "2"]
     cs.main(argv)
-    runs = json.loads((out / "causal_study.json").read_text())["runs"]
+    results = json.loads((out / "causal_study.json").read_text())
+    runs = results["runs"]
     expected = {cs.key(name, 1e-2, 3, seed) for name in (XGB, LORA) for seed in (0, 1)}
     assert set(runs) == expected | {cs.BASE}
     for name, run in runs.items():
         assert all(math.isfinite(run[m]) for m in cs.METRICS), name
         assert 0 <= run["selection_accuracy"] <= 1 and run["selection_items"] == 6
         assert run["peak_rss_process_mib"] > 0
+        assert run["jobs"] == 2 and run["threads"] == max(1, (os.cpu_count() or 1) // 2)
     for name in expected:
-        assert runs[name]["seconds_per_step"] > 0 and runs[name]["peak_rss_mib"] > 0
+        assert runs[name]["seconds_per_step"] > 0 and runs[name]["eval_seconds"] > 0
+        phases = runs[name]["phase_peak_rss_mib"]
+        assert set(phases) == {"loading", "evaluation", "training"}
+        assert runs[name]["peak_rss_process_mib"] >= max(phases.values())
         assert [step for step, _ in runs[name]["curve"]] == [0, 3]
         assert runs[name]["trainable_params_per_step"] > 0
+    # One cost run per method at its best lr, alone on every core, training only.
+    assert set(results["cost"]) == {XGB, LORA}
+    for cost in results["cost"].values():
+        assert (cost["steps"], cost["lr"], cost["jobs"]) == (cs.COST_STEPS, 1e-2, 1)
+        assert cost["threads"] == (os.cpu_count() or 1) and cost["seconds_per_step"] > 0
+        assert cost["phase_peak_rss_mib"]["training"] > 0 and "ood_loss" not in cost
     md = (out / "causal_study.md").read_text()
     assert "## Learning-rate grid (3 steps, seed 0)" in md and f"| {XGB} | **0.01**" in md
     table = md[md.index("## 3 steps") :].splitlines()
-    assert any(line.startswith(f"| {LORA} | 0.01 | 2 |") for line in table)
+    row = next(line for line in table if line.startswith(f"| {LORA} | 0.01 | 2 |"))
+    per_step = results["cost"][LORA]["seconds_per_step"]
+    assert (
+        f"| {per_step:.2f} | {results['cost'][LORA]['phase_peak_rss_mib']['training']:.0f} / "
+        in row
+    )
     paired = md[md.index("## Paired differences") :]
     row = next(line for line in paired.splitlines() if line.startswith(f"| {XGB} | {LORA} |"))
     assert row.count("(2 seeds, ahead on") == len(cs.METRICS)

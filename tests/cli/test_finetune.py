@@ -4,7 +4,9 @@ import dataclasses
 import io
 import json
 import math
+import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -295,3 +297,67 @@ def test_binary_auc_matches_counting_every_pair():
     assert finetune.binary_auc(ordered, (ordered >= 5).long()) == 1.0
     assert finetune.binary_auc(ordered, (ordered < 5).long()) == 0.0
     assert math.isnan(finetune.binary_auc(ordered, torch.ones(10, dtype=torch.long)))
+
+
+def lm_config(tiny_folder, tmp_path, **kw):
+    """A causal-LM run of the tiny GPT-2 on texts of 3 to 11 words (padded batches)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "lm.jsonl"
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(24)]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    base = dict(model=str(tiny_folder / "gpt2"), data=str(path), task="causal-lm", steps=4)
+    base |= dict(test_size=0.5, eval_every=0, save_model=False, measure_weight_change=False)
+    return config(tiny_folder, path, tmp_path, **(base | kw))
+
+
+def test_causal_lm_held_out_loss_is_per_predicted_token_whatever_the_batch(tiny_folder, tmp_path):
+    cfg = lm_config(tiny_folder, tmp_path)
+    model, tokenizer, _ = finetune.load_model(cfg, 0)
+    _, rows = finetune.load_rows(cfg)
+    total, count = 0.0, 0  # float64, one unpadded text at a time
+    for row in rows:
+        enc = finetune.encode(tokenizer, [row], cfg.max_length, cfg.task)
+        ids = enc.pop("labels")
+        with torch.no_grad():
+            logits = model(**enc).logits[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    for batch in (1, 5, 64):  # 5: batches of unequal lengths and a short last batch
+        cfg = dataclasses.replace(cfg, eval_batch_size=batch)
+        loss = finetune.evaluate(model, tokenizer, rows, cfg)["loss"]
+        assert loss == pytest.approx(total / count, rel=1e-5), batch
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        dataclasses.replace(cfg, eval_batch_size=0)
+
+
+def test_autocast_runs_forward_passes_in_bfloat16_and_keeps_float32_weights(tiny_folder, tmp_path):
+    plain = finetune.run(lm_config(tiny_folder, tmp_path / "fp32"))
+    mixed_cfg = lm_config(tiny_folder, tmp_path / "bf16", autocast="bfloat16", save_model=True)
+    mixed = finetune.run(mixed_cfg)
+    # Same weights and batch at step 0: bfloat16 rounding moves the losses a little, no more.
+    pairs = [(plain["before"]["loss"], mixed["before"]["loss"])]
+    pairs.append((plain["train_loss"][0], mixed["train_loss"][0]))
+    for a, b in pairs:
+        assert a != b and a == pytest.approx(b, rel=2e-2)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "run" / "model")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    args = cli.build_parser().parse_args(["finetune", "--autocast", "bfloat16"])
+    assert cli.config_from_args(args).autocast == "bfloat16"
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        lm_config(tiny_folder, tmp_path, autocast="float16")
+
+
+def test_time_per_step_leaves_the_evaluations_out(tiny_folder, tmp_path, monkeypatch):
+    evaluate = finetune.evaluate
+
+    def slow_evaluate(*args):
+        time.sleep(1.0)
+        return evaluate(*args)
+
+    monkeypatch.setattr(finetune, "evaluate", slow_evaluate)
+    summary = finetune.run(lm_config(tiny_folder, tmp_path, eval_every=1))
+    # 5 evaluations (before, after steps 1-3, after): with them, >= 3 s / 4 steps per step.
+    assert len(summary["evals"]) == 5 and summary["eval_seconds"] >= 5.0
+    assert summary["seconds_per_step"] < 0.5
+    if sys.platform.startswith("linux"):
+        assert set(summary["phase_peak_rss_mib"]) == {"loading", "evaluation", "training"}

@@ -38,6 +38,7 @@ from xgblora_fast.boosting.config import XGBLoRAConfig, meta
 from xgblora_fast.boosting.export import CHECKPOINT_METADATA, adapter_metadata, export_lora
 from xgblora_fast.cli import data as data_mod
 from xgblora_fast.cli.data import UsageError
+from xgblora_fast.cli.peak_memory import PhasePeaks
 from xgblora_fast.nn.patching import eject, inject
 
 METHODS = ("xgblora", "lora", "full")
@@ -45,6 +46,9 @@ TASKS = ("seq-cls", "causal-lm")
 # Learning-rate envelopes after the linear warm-up (transformers' scheduler names).
 LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Compute dtypes of --autocast. float16 would need loss scaling (GradScaler), which the CLI's
+# CPU loop does not do: the Python API with torch.amp covers it.
+AUTOCAST = {"none": None, "bfloat16": torch.bfloat16}
 # A folder holding one of these has its own tokenizer (save_pretrained writes both).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # The attention and MLP projections of BERT-, Llama- and GPT-2-style models (not the task head).
@@ -145,7 +149,21 @@ class FinetuneConfig:
     eval_every: int = dataclasses.field(
         default=100, metadata=meta("evaluate every N steps (0: only at the end)")
     )
+    eval_batch_size: int = dataclasses.field(
+        default=128,
+        metadata=meta(
+            "rows per evaluation batch (a causal LM's logits take rows x max_length x vocabulary"
+            " x 4 bytes)"
+        ),
+    )
     dtype: str = dataclasses.field(default="float32", metadata=meta("dtype of the base weights"))
+    autocast: str = dataclasses.field(
+        default="none",
+        metadata=meta(
+            "bfloat16: forward passes (training and evaluation) under torch.autocast, weights"
+            " and optimizer state stay in dtype, as Trainer(bf16=True); none: off"
+        ),
+    )
     seed: int = dataclasses.field(
         default=0,
         metadata=meta(
@@ -195,9 +213,12 @@ class FinetuneConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {tuple(AUTOCAST)}, got {self.autocast!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
-        at_least = {"steps": 1, "batch_size": 1, "max_length": 1, "lora_rank": 1}
+        at_least = {"steps": 1, "batch_size": 1, "eval_batch_size": 1, "max_length": 1}
+        at_least |= {"lora_rank": 1}
         at_least |= {"eval_every": 0, "save_every": 0}
         at_least |= {"train_limit": 1, "eval_limit": 1, "stop_after": 1}  # or None
         for name, low in at_least.items():
@@ -460,23 +481,34 @@ def prepare_method(cfg: FinetuneConfig, model: nn.Module, fresh: list[str]):
 
 
 # ---------------------------------------------------------------- evaluate
+def compute_context(cfg: FinetuneConfig) -> contextlib.AbstractContextManager:
+    """The context of the run's forward passes: ``torch.autocast`` with ``cfg.autocast``'s
+    dtype (CPU), or nothing."""
+    dtype = AUTOCAST[cfg.autocast]
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, rows, cfg: FinetuneConfig, batch_size: int = 128) -> dict:
-    """Seq-cls: accuracy and loss (two classes: also the AUC); causal LM: loss and perplexity."""
+def evaluate(model, tokenizer, rows, cfg: FinetuneConfig) -> dict:
+    """Seq-cls: accuracy and loss (two classes: also the AUC); causal LM: loss per predicted
+    token (the same for any ``cfg.eval_batch_size``) and perplexity."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     margins, labels = [], []
-    for i in range(0, len(rows), batch_size):
-        enc = encode(tokenizer, rows[i : i + batch_size], cfg.max_length, cfg.task)
-        out = model(**enc)
-        n = len(rows[i : i + batch_size])
-        total_loss += float(out.loss) * n
+    for i in range(0, len(rows), cfg.eval_batch_size):
+        enc = encode(tokenizer, rows[i : i + cfg.eval_batch_size], cfg.max_length, cfg.task)
+        with compute_context(cfg):
+            out = model(**enc)
         if cfg.task == "seq-cls":
+            n = len(enc["labels"])
             correct += int((out.logits.argmax(-1) == enc["labels"]).sum())
             if out.logits.shape[-1] == 2:
                 margins.append((out.logits[:, 1] - out.logits[:, 0]).float())
                 labels.append(enc["labels"])
+        else:  # out.loss is the mean over the batch's predicted tokens (position t predicts t+1)
+            n = int((enc["labels"][:, 1:] != -100).sum())
+        total_loss += float(out.loss) * n
         count += n
     model.train(was_training)
     result = {"loss": total_loss / count}
@@ -506,8 +538,8 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 # ---------------------------------------------------------------- resume
 # Options a resumed run may change: they do not alter the training trajectory.
 RESUME_FREE = frozenset(
-    {"output", "eval_every", "save_every", "resume", "stop_after", "save_model", "export_lora"}
-    | {"measure_weight_change"}
+    {"output", "eval_every", "eval_batch_size", "save_every", "resume", "stop_after"}
+    | {"save_model", "export_lora", "measure_weight_change"}
 )
 # The booster options that a run of each method uses (xgblora: all of them).
 LORA_OPTIONS = ("target_modules", "alpha", "dropout", "weight_decay")
@@ -615,7 +647,18 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         booster.attach(optimizer)
     scheduler = make_scheduler(optimizer, cfg)
     batches = batch_order(len(train_rows), cfg.batch_size, cfg.steps, cfg.seed)
-    before = evaluate(model, tokenizer, test_rows, cfg)
+    memory = PhasePeaks()  # the process so far: "loading"
+    eval_seconds = 0.0
+
+    def timed_evaluation() -> dict:
+        nonlocal eval_seconds
+        start = time.perf_counter()
+        with memory.phase("evaluation"):
+            result = evaluate(model, tokenizer, test_rows, cfg)
+        eval_seconds += time.perf_counter() - start
+        return result
+
+    before = timed_evaluation()
     evals = [{"step": 0, **before}]
     start_step = 0
     if cfg.resume and (ckpt_dir / "latest").exists():
@@ -629,12 +672,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         start_step, evals = extra["step"], extra["evals"]
     model.train()
     losses: list[float] = []
-    t0 = time.perf_counter()
+    memory.enter("training")
+    t0, evaluating_before = time.perf_counter(), eval_seconds  # steps' time: evaluations apart
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     bar = tqdm(range(start_step, last), desc=f"fine-tune ({cfg.method})", unit="step")
     for step in bar:
         enc = encode(tokenizer, [train_rows[i] for i in batches[step]], cfg.max_length, cfg.task)
-        loss = model(**enc).loss
+        with compute_context(cfg):
+            loss = model(**enc).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -643,7 +688,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         if booster is not None:
             booster.step(losses[-1])
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            evals.append({"step": step + 1, **evaluate(model, tokenizer, test_rows, cfg)})
+            evals.append({"step": step + 1, **timed_evaluation()})
             bar.set_postfix({k: f"{v:.3f}" for k, v in evals[-1].items() if k != "step"})
         stopping = step + 1 == last < cfg.steps
         if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
@@ -658,12 +703,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 | ({CHECKPOINT_METADATA: adapter_metadata(model)} if booster else {}),
                 step=step + 1,
             )
+    memory.enter(None)
     if last < cfg.steps:  # stopped early: the checkpoint carries the run on (--resume)
         return {"method": cfg.method, "stopped_at": last, "train_loss": losses}
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - (eval_seconds - evaluating_before)
     if booster is not None:
         booster.finish()
-    after = evaluate(model, tokenizer, test_rows, cfg)
+    after = timed_evaluation()
     evals.append({"step": cfg.steps, **after})
     summary = {
         "method": cfg.method,
@@ -673,6 +719,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "before": before,
         "after": after,
         "seconds_per_step": seconds / max(1, cfg.steps - start_step),
+        "eval_seconds": eval_seconds,  # before, during and after the steps
+        "phase_peak_rss_mib": memory.peaks,  # loading, evaluation, training (Linux)
         "trainable_params_per_step": trainable_per_step,
         "cumulative_trainable_params": (
             booster.history[-1]["cumulative_trainable_params"] + head_params

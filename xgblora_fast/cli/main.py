@@ -34,6 +34,7 @@ from xgblora_fast.boosting.config import (
 )
 from xgblora_fast.cli.data import UsageError
 from xgblora_fast.cli.finetune import (
+    AUTOCAST,
     DTYPES,
     LR_SCHEDULES,
     METHODS,
@@ -96,7 +97,9 @@ FLAG_KWARGS: dict[str, dict[str, Any]] = {
     "train_limit": {"type": int},
     "eval_limit": {"type": int},
     "eval_every": {"type": int},
+    "eval_batch_size": {"type": int},
     "dtype": {"choices": tuple(DTYPES)},
+    "autocast": {"choices": tuple(AUTOCAST)},
     "seed": {"type": int},
     "lora_rank": {"type": int},
     "save_every": {"type": int},
