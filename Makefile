@@ -46,7 +46,8 @@ accuracy: $(STAMP)
 
 # The causal-LM study (XGBLoRA default/paper vs LoRA r=1/r=8 vs full fine-tuning of SmolLM2-135M
 # on real chats; cached per run, many hours on 2 CPU cores: run it in parts, e.g.
-# ARGS="--stage grid" or ARGS="--stage main --steps 1000 --seeds 0 1 --budget-hours 5").
+# ARGS="--stage grid --jobs 2", ARGS="--stage cost" (timings, alone) or
+# ARGS="--stage main --steps 1000 --seeds 0 1 --jobs 2 --budget-hours 3").
 causal-study: $(STAMP)
 	$(PY) bench/causal_study.py $(ARGS)
 

@@ -10,14 +10,17 @@ mean token log-likelihood; chance 0.25).
 
 Stage ``grid``: each method's 3 learning rates at 200 steps, seed 0 (and the base model once);
 stage ``main``: each method at its best grid lr (lowest in-domain held-out loss) for every
-``--steps`` x ``--seeds``. Runs are cached by (method, lr, steps, seed) in
+``--steps`` x ``--seeds``; stage ``cost``: each method's time per step and training memory, a
+short run alone on every core (``--jobs`` runs the other stages side by side, the cores shared
+out, so their own timings are not comparable). Runs are cached by (method, lr, steps, seed) in
 ``causal_study.json``; ``causal_study.md`` has the grid, a table per budget and the paired
 differences of XGBLoRA against each baseline seed by seed, ``causal_study.png`` the held-out loss
 over the steps. Every invocation prints the remaining runs and an estimate of their time.
 
-    python bench/causal_study.py --stage grid                   # 15 runs + the base model
-    python bench/causal_study.py --stage main --steps 200 --seeds 0 1 2
-    python bench/causal_study.py --stage main --steps 1000 --seeds 0 1 --budget-hours 5
+    python bench/causal_study.py --stage grid --jobs 2          # 15 runs + the base model
+    python bench/causal_study.py --stage cost                   # 5 short runs, alone
+    python bench/causal_study.py --stage main --steps 1000 --seeds 0 1 --jobs 2 --budget-hours 3
+    python bench/causal_study.py --stage main --steps 200 --seeds 0 1 2 --jobs 2
     python bench/causal_study.py --methods "LoRA r=1 (peft)" --lrs 2e-3 --grid-steps 5 \
         --steps 5 --seeds 0 --eval-limit 20 --out /tmp/cs_smoke   # smoke run (~15 min)
 """
@@ -43,7 +46,15 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import RESULTS, loss_curve, mean_sd, paired_difference, run_process, save_run
+from accuracy import (
+    RESULTS,
+    loss_curve,
+    mean_sd,
+    moved,
+    paired_difference,
+    run_process,
+    save_run,
+)
 
 from xgblora_fast.cli import data as data_mod
 
@@ -52,7 +63,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BATCH_SIZE = 4
 MAX_LENGTH = 64  # 128 would about double every run (and the held-out evaluations)
-EVAL_EVERY = 100  # every 50 cost a third of a 200-step run (300 rows, forward only)
+# Held-out loss every EVAL_EVERY steps, or EVAL_POINTS times in a longer run: every 50 cost a
+# third of a 200-step run (300 rows, forward only), every 100 a sixth of a 1000-step run.
+EVAL_EVERY = 100
+EVAL_POINTS = 5
 EVAL_BATCH_SIZE = 16  # rows per evaluation batch: 16 x 64 x 49k-vocabulary logits = 200 MB
 COST_STEPS = 40  # stage cost: each method's time per step and training memory, alone
 # Bump when what a cached run measures changes: its runs are then kept apart (another --out).
@@ -337,6 +351,18 @@ def worker(spec_path: Path) -> None:
             "phase_peak_rss_mib": summary["phase_peak_rss_mib"],
             "trainable_params_per_step": summary["trainable_params_per_step"],
             "cumulative_trainable_params": summary["cumulative_trainable_params"],
+            # main runs: how far the linear layers moved (net; XGBLoRA: also its path)
+            **(
+                {
+                    "weight_change": {
+                        k: summary["weight_change"][k]
+                        for k in ("mean", "path_mean")
+                        if k in summary["weight_change"]
+                    }
+                }
+                if "weight_change" in summary
+                else {}
+            ),
             **(
                 {"xgblora_config": json.loads(history.read_text())["config"]}
                 if history.is_file()
@@ -511,11 +537,15 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         " one row per user/assistant exchange in the model's chat template; "
         f"{held_out} held-out conversations), batch {settings['batch_size']}, "
         f"{settings['max_length']} tokens, "
-        f"targets {TARGETS}, held-out loss every {EVAL_EVERY} steps. Metrics: in-domain held-out "
+        f"targets {TARGETS}, held-out loss every {EVAL_EVERY} steps ({EVAL_POINTS} times in longer "
+        "runs). Metrics: in-domain held-out "
         "loss (one exchange per held-out conversation), out-of-domain loss (BBC News, first "
         f"{settings['max_length']} tokens of each article), response selection (true next turn "
         "vs 3 turns of other held-out chats by mean token log-likelihood; chance 0.25). Mean ± "
-        "sd over seeds (a seed fixes the data order, the same for every method). s / step and "
+        "sd over seeds (a seed fixes the data order, the same for every method). Losses are "
+        "per predicted token. Weights moved: the mean over the targeted layers of "
+        "|W - W0| / |W0| (main runs; XGBLoRA also the path, the sum of its merges' relative "
+        "sizes), and over how many runs. s / step and "
         f"training peak RSS: a {COST_STEPS}-step run of each method alone on the 2 CPU cores, "
         "evaluations apart (indicative); process peak RSS: the most of any of its runs, the "
         "GGUF's dequantising load and the evaluations included. Options per method: "
@@ -534,8 +564,9 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
             "",
             "| method | lr | seeds | "
             + " | ".join(title for title, _ in METRICS.values())
-            + " | s / step | peak RSS MiB: training / process | trainable / step |",
-            "|---|---|---|" + "---|" * (len(METRICS) + 3),
+            + " | train loss, last 10 steps | weights moved | s / step "
+            "| peak RSS MiB: training / process | trainable / step |",
+            "|---|---|---|" + "---|" * (len(METRICS) + 5),
         ]
         for name, method_runs in methods.items():
             values = " | ".join(
@@ -548,6 +579,7 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
             per_step = f"{cost['seconds_per_step']:.2f}" if cost else "–"
             lines.append(
                 f"| {name} | {method_runs[0]['lr']:g} | {len(method_runs)} | {values} "
+                f"| {cell([r['loss_curve'][-1] for r in method_runs], 3)} | {moved(method_runs)} "
                 f"| {per_step} | {f'{training:.0f}' if training else '–'} / {process:.0f} "
                 f"| {method_runs[0]['trainable_params_per_step']:,} |"
             )
@@ -728,6 +760,8 @@ def run_stage(
                     break
                 queue.pop(0)
                 options = [] if name == BASE else cli_options(name, lr, steps, seed, args, spec)
+                if stage != "main":  # re-reading the base weights costs ~30 s a run
+                    options.append("--no-measure-weight-change")
                 if stage == "cost":
                     options += ["--eval-every", "0", "--eval-limit", "8", "--no-save-model"]
                 run_spec = spec | {"cli": options, "threads": threads, "score": stage != "cost"}
@@ -761,9 +795,9 @@ def cli_options(
         "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
         "--steps", str(steps), "--seed", str(seed), "--lr", f"{lr:g}",
         "--batch-size", str(BATCH_SIZE), "--max-length", str(args.max_length),
-        "--eval-every", str(EVAL_EVERY), "--eval-batch-size", str(EVAL_BATCH_SIZE),
+        "--eval-every", str(max(EVAL_EVERY, steps // EVAL_POINTS)),
+        "--eval-batch-size", str(EVAL_BATCH_SIZE),
         "--target-modules", TARGETS,
-        "--no-measure-weight-change",
         *(["--train-limit", str(args.train_limit)] if args.train_limit else []),
         *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
         *METHODS[name].options,

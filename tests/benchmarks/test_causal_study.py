@@ -164,6 +164,10 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
         assert runs[name]["peak_rss_process_mib"] >= max(phases.values())
         assert [step for step, _ in runs[name]["curve"]] == [0, 3]
         assert runs[name]["trainable_params_per_step"] > 0
+    # Main runs (seed 1; seed 0 is the grid's) measure how far the weights moved.
+    main_xgb = runs[cs.key(XGB, 1e-2, 3, 1)]["weight_change"]
+    assert main_xgb["mean"] > 0 and main_xgb["path_mean"] >= main_xgb["mean"] * (1 - 1e-6)
+    assert "weight_change" not in runs[cs.key(XGB, 1e-2, 3, 0)]
     # One cost run per method at its best lr, alone on every core, training only.
     assert set(results["cost"]) == {XGB, LORA}
     for cost in results["cost"].values():
@@ -174,11 +178,10 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
     assert "## Learning-rate grid (3 steps, seed 0)" in md and f"| {XGB} | **0.01**" in md
     table = md[md.index("## 3 steps") :].splitlines()
     row = next(line for line in table if line.startswith(f"| {LORA} | 0.01 | 2 |"))
-    per_step = results["cost"][LORA]["seconds_per_step"]
-    assert (
-        f"| {per_step:.2f} | {results['cost'][LORA]['phase_peak_rss_mib']['training']:.0f} / "
-        in row
-    )
+    cost = results["cost"][LORA]
+    training = cost["phase_peak_rss_mib"]["training"]
+    assert f"| {cost['seconds_per_step']:.2f} | {training:.0f} / " in row
+    assert "(1) |" in row  # weights moved: the one main run (seed 1) measured it
     paired = md[md.index("## Paired differences") :]
     row = next(line for line in paired.splitlines() if line.startswith(f"| {XGB} | {LORA} |"))
     assert row.count("(2 seeds, ahead on") == len(cs.METRICS)
@@ -193,3 +196,16 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
     # Another max length cannot be mixed into the same cache.
     with pytest.raises(SystemExit, match="another --out"):
         cs.main([*argv, "--max-length", "12"])
+
+
+def test_held_out_loss_every_100_steps_or_5_times_in_longer_runs():
+    args = cs.parse_args([])
+    spec = {"data_dir": "/d", "model": "/m", "gguf_file": None}
+
+    def every(steps):
+        options = cs.cli_options(XGB, 5e-3, steps, 0, args, spec)
+        return int(options[options.index("--eval-every") + 1])
+
+    assert [every(s) for s in (200, 500, 1000, 3000)] == [100, 100, 200, 600]
+    with pytest.raises(SystemExit):
+        cs.parse_args(["--jobs", "0"])
