@@ -121,6 +121,10 @@ def test_best_lr_is_the_lowest_held_out_loss_and_main_waits_for_a_complete_grid(
         for lr, loss in losses.items()
     }
     assert cs.best_lrs(runs, args) == {XGB: 5e-3}
+    for r, lr in zip(runs.values(), losses, strict=True):
+        r |= {"steps": 200, "seed": 0, "lr": lr}
+    assert cs.by_budget(runs, {XGB: 5e-3}) == {200: {XGB: [runs[cs.key(XGB, 5e-3, 200, 0)]]}}
+    assert cs.by_budget(runs, {}) == {}  # an incomplete grid: no run stands for the method
     results = {"runs": runs, "cost": {}}
     assert cs.plan("main", results, args) == [(XGB, 5e-3, 200, 1)]  # seed 0 is the grid's run
     # The cost run goes at the best lr, and again once the best lr changes.
