@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
@@ -348,16 +347,24 @@ def test_autocast_runs_forward_passes_in_bfloat16_and_keeps_float32_weights(tiny
 
 
 def test_time_per_step_leaves_the_evaluations_out(tiny_folder, tmp_path, monkeypatch):
-    evaluate = finetune.evaluate
+    """An injected clock: each evaluation takes 100 s, each training batch encoded 1 s."""
+    clock = [0.0]
+    evaluate, encode = finetune.evaluate, finetune.encode
 
-    def slow_evaluate(*args):
-        time.sleep(1.0)
+    def evaluate_100s(*args):
+        clock[0] += 100.0
         return evaluate(*args)
 
-    monkeypatch.setattr(finetune, "evaluate", slow_evaluate)
+    def encode_1s(tokenizer, rows, *args):
+        clock[0] += 1.0 if len(rows) == 16 else 0.0  # training batches (evaluate's own: no)
+        return encode(tokenizer, rows, *args)
+
+    monkeypatch.setattr(finetune, "evaluate", evaluate_100s)
+    monkeypatch.setattr(finetune, "encode", encode_1s)
+    monkeypatch.setattr(finetune.time, "perf_counter", lambda: clock[0])
     summary = finetune.run(lm_config(tiny_folder, tmp_path, eval_every=1))
-    # 5 evaluations (before, after steps 1-3, after): with them, >= 3 s / 4 steps per step.
-    assert len(summary["evals"]) == 5 and summary["eval_seconds"] >= 5.0
-    assert summary["seconds_per_step"] < 0.5
+    # 5 evaluations (before, after steps 1-3, after); with them it would be 76 s per step.
+    assert len(summary["evals"]) == 5 and summary["eval_seconds"] == 500.0
+    assert summary["seconds_per_step"] == 1.0
     if sys.platform.startswith("linux"):
         assert set(summary["phase_peak_rss_mib"]) == {"loading", "evaluation", "training"}
