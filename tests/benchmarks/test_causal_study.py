@@ -202,6 +202,29 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
         cs.main([*argv, "--max-length", "12"])
 
 
+def test_paired_differences_put_each_xgblora_method_against_the_baselines_and_its_parent():
+    ortho, r8 = "XGBLoRA (orthogonal-gradient)", "LoRA r=8 (peft)"
+    assert cs.METHODS[ortho].parent == XGB
+
+    def runs(*losses):
+        return [
+            {"seed": seed, "in_domain_loss": x, "ood_loss": 4.0, "selection_accuracy": 0.5}
+            for seed, x in enumerate(losses)
+        ]
+
+    budgets = {1000: {XGB: runs(2.0, 2.5), ortho: runs(1.75, 2.0), r8: runs(2.25, 2.25)}}
+    table = cs.paired_differences(budgets)
+    rows = {tuple(line.split(" | ")[:2]): line for line in table if line.startswith("| XGBLoRA (")}
+    assert set(rows) == {(f"| {XGB}", r8), (f"| {ortho}", r8), (f"| {ortho}", XGB)}
+    # orthogonal minus defaults: -0.25 and -0.5 (lower loss: ahead on both seeds)
+    assert "| -0.3750 ± 0.1250 (2 seeds, ahead on 2, behind on 0) |" in rows[(f"| {ortho}", XGB)]
+    assert "| +0.0000 ± 0.2500 (2 seeds, ahead on 1, behind on 1) |" in rows[(f"| {XGB}", r8)]
+    # Without its parent in the budget, a variant still meets the baselines.
+    del budgets[1000][XGB]
+    rows = [line for line in cs.paired_differences(budgets) if line.startswith("| XGBLoRA (")]
+    assert len(rows) == 1 and rows[0].startswith(f"| {ortho} | {r8} |")
+
+
 def test_held_out_loss_every_100_steps_or_5_times_in_longer_runs():
     args = cs.parse_args([])
     spec = {"data_dir": "/d", "model": "/m", "gguf_file": None}

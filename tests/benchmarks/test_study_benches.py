@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import accuracy
+import causal_study
 import gradient_directions
 import schedule
 import torch
@@ -280,6 +281,7 @@ def test_every_study_method_and_variant_is_a_valid_command_line():
 
     lines = {f"method {n}": o for n, o in accuracy.METHODS.items()}
     lines |= {f"variant {n}": [*schedule.BASE, *o] for n, o in schedule.VARIANTS.items()}
+    lines |= {f"causal {n}": list(m.options) for n, m in causal_study.METHODS.items()}
     for name, options in lines.items():
         try:
             cli.config_from_args(cli.build_parser().parse_args(["finetune", *options]))
