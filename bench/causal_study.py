@@ -777,7 +777,7 @@ def run_stage(
                     break
                 queue.pop(0)
                 options = [] if name == BASE else cli_options(name, lr, steps, seed, args, spec)
-                if stage != "main":  # re-reading the base weights costs ~30 s a run
+                if options and stage != "main":  # re-reading the base weights costs ~30 s a run
                     options.append("--no-measure-weight-change")
                 if stage == "cost":
                     options += ["--eval-every", "0", "--eval-limit", "8", "--no-save-model"]

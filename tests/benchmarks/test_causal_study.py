@@ -161,6 +161,10 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
         assert 0 <= run["selection_accuracy"] <= 1 and run["selection_items"] == 6
         assert run["peak_rss_process_mib"] > 0
         assert run["jobs"] == 2 and run["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    # The base model is evaluated, not trained: the loss every run starts from.
+    assert "method" not in runs[cs.BASE]
+    for name in expected:
+        assert runs[name]["before_loss"] == pytest.approx(runs[cs.BASE]["in_domain_loss"], rel=1e-5)
     for name in expected:
         assert runs[name]["seconds_per_step"] > 0 and runs[name]["eval_seconds"] > 0
         phases = runs[name]["phase_peak_rss_mib"]
