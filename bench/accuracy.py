@@ -346,7 +346,8 @@ def paired_difference(
     error = f" ± {sd / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
     sign = -1 if lower_is_better else 1
     ahead, behind = sum(sign * d > 0 for d in diffs), sum(sign * d < 0 for d in diffs)
-    return f"{mean:+.4f}{error} ({len(diffs)} seeds, ahead on {ahead}, behind on {behind})"
+    seeds = f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}"
+    return f"{mean:+.4f}{error} ({seeds}, ahead on {ahead}, behind on {behind})"
 
 
 def paired_differences(runs: dict[str, dict]) -> list[str]:

@@ -503,6 +503,9 @@ def by_budget(runs: dict[str, dict], best: dict[str, float]) -> dict[int, dict[s
 
 
 def cell(values: list[float], digits: int) -> str:
+    """``mean ± sd`` over the seeds (the value alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
     mean, sd = mean_sd(values)
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 

@@ -229,6 +229,11 @@ def test_paired_differences_put_each_xgblora_method_against_the_baselines_and_it
     assert len(rows) == 1 and rows[0].startswith(f"| {ortho} | {r8} |")
 
 
+def test_a_cell_is_mean_and_sd_over_seeds_or_the_one_value():
+    assert cs.cell([1.0, 2.0], 2) == "1.50 ± 0.71"
+    assert cs.cell([1.23456], 3) == "1.235"  # no "± 0.000" that would read as a spread of 0
+
+
 def test_held_out_loss_every_100_steps_or_5_times_in_longer_runs():
     args = cs.parse_args([])
     spec = {"data_dir": "/d", "model": "/m", "gguf_file": None}

@@ -333,4 +333,4 @@ def test_paired_difference_of_a_loss_counts_lower_as_ahead():
     cell = accuracy.paired_difference(ours, theirs, lambda r: r["loss"], lower_is_better=True)
     assert cell == "-0.2000 ± 0.3000 (2 seeds, ahead on 1, behind on 1)"
     higher = accuracy.paired_difference(ours[:1], theirs, lambda r: r["loss"])
-    assert higher == "-0.5000 (1 seeds, ahead on 0, behind on 1)"
+    assert higher == "-0.5000 (1 seed, ahead on 0, behind on 1)"
