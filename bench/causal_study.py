@@ -502,6 +502,13 @@ def by_budget(runs: dict[str, dict], best: dict[str, float]) -> dict[int, dict[s
     return dict(sorted(table.items()))
 
 
+def late_train_loss(run: dict) -> float:
+    """The mean training loss of the run's last tenth of steps (its curve holds 10-step means):
+    how far it fitted the chats, with less of one batch's noise than the last steps alone."""
+    curve = run["loss_curve"]
+    return statistics.fmean(curve[-max(1, len(curve) // 10) :])
+
+
 def cell(values: list[float], digits: int) -> str:
     """``mean ± sd`` over the seeds (the value alone for one seed)."""
     if len(values) == 1:
@@ -561,9 +568,10 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         f"{settings['max_length']} tokens of each article), response selection (true next turn "
         "vs 3 turns of other held-out chats by mean token log-likelihood; chance 0.25). Mean ± "
         "sd over seeds (a seed fixes the data order, the same for every method). Losses are "
-        "per predicted token. Weights moved: the mean over the targeted layers of "
-        "|W - W0| / |W0| (main runs; XGBLoRA also the path, the sum of its merges' relative "
-        "sizes), and over how many runs. s / step and "
+        "per predicted token. Train loss, last 10%: the mean training loss over the last "
+        "tenth of the steps (the same batches for every method of a seed). Weights moved: the "
+        "mean over the targeted layers of |W - W0| / |W0| (main runs; XGBLoRA also the path, "
+        "the sum of its merges' relative sizes), and over how many runs. s / step and "
         f"training peak RSS: a {COST_STEPS}-step run of each method alone on the 2 CPU cores, "
         "evaluations apart (indicative); process peak RSS: the most of any of its runs, the "
         "GGUF's dequantising load and the evaluations included. Options per method: "
@@ -582,7 +590,7 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
             "",
             "| method | lr | seeds | "
             + " | ".join(title for title, _ in METRICS.values())
-            + " | train loss, last 10 steps | weights moved | s / step "
+            + " | train loss, last 10% | weights moved | s / step "
             "| peak RSS MiB: training / process | trainable / step |",
             "|---|---|---|" + "---|" * (len(METRICS) + 5),
         ]
@@ -597,7 +605,7 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
             per_step = f"{cost['seconds_per_step']:.2f}" if cost else "–"
             lines.append(
                 f"| {name} | {method_runs[0]['lr']:g} | {len(method_runs)} | {values} "
-                f"| {cell([r['loss_curve'][-1] for r in method_runs], 3)} | {moved(method_runs)} "
+                f"| {cell([late_train_loss(r) for r in method_runs], 3)} | {moved(method_runs)} "
                 f"| {per_step} | {f'{training:.0f}' if training else '–'} / {process:.0f} "
                 f"| {method_runs[0]['trainable_params_per_step']:,} |"
             )

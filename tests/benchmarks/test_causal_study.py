@@ -229,6 +229,12 @@ def test_paired_differences_put_each_xgblora_method_against_the_baselines_and_it
     assert len(rows) == 1 and rows[0].startswith(f"| {ortho} | {r8} |")
 
 
+def test_late_train_loss_is_the_mean_of_the_last_tenth_of_the_curve():
+    curve = [5.0] * 90 + [2.0] * 9 + [3.0]  # 1000 steps in 10-step means
+    assert cs.late_train_loss({"loss_curve": curve}) == pytest.approx(2.1)
+    assert cs.late_train_loss({"loss_curve": [4.0, 3.0]}) == 3.0  # short runs: the last mean
+
+
 def test_a_cell_is_mean_and_sd_over_seeds_or_the_one_value():
     assert cs.cell([1.0, 2.0], 2) == "1.50 ± 0.71"
     assert cs.cell([1.23456], 3) == "1.235"  # no "± 0.000" that would read as a spread of 0
