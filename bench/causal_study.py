@@ -787,11 +787,10 @@ def run_stage(
                     stopped = True
                     break
                 queue.pop(0)
-                options = [] if name == BASE else cli_options(name, lr, steps, seed, args, spec)
-                if options and stage != "main":  # re-reading the base weights costs ~30 s a run
-                    options.append("--no-measure-weight-change")
-                if stage == "cost":
-                    options += ["--eval-every", "0", "--eval-limit", "8", "--no-save-model"]
+                # the base model: no CLI run, the worker only evaluates it
+                options = (
+                    [] if name == BASE else cli_options(name, lr, steps, seed, args, spec, stage)
+                )
                 run_spec = spec | {"cli": options, "threads": threads, "score": stage != "cost"}
                 running[pool.submit(run_one, run_spec)] = (name, lr, steps, seed)
             if not running:
@@ -813,10 +812,23 @@ def run_stage(
 
 
 def cli_options(
-    name: str, lr: float, steps: int, seed: int, args: argparse.Namespace, spec: dict
+    name: str,
+    lr: float,
+    steps: int,
+    seed: int,
+    args: argparse.Namespace,
+    spec: dict,
+    stage: str = "main",
 ) -> list[str]:
-    """The ``xgblora-fast finetune`` options of one run (``--output`` is the worker's)."""
+    """The ``xgblora-fast finetune`` options of one run of ``stage`` (``--output`` is the
+    worker's): main runs also measure how far the weights moved, cost runs only train."""
     data = Path(spec["data_dir"])
+    no_weight_change = "--no-measure-weight-change"  # re-reading the base weights: ~30 s a run
+    by_stage = {
+        "main": [],
+        "grid": [no_weight_change],
+        "cost": [no_weight_change, "--eval-every", "0", "--eval-limit", "8", "--no-save-model"],
+    }
     return [
         "--task", "causal-lm", "--model", spec["model"],
         *(["--gguf-file", spec["gguf_file"]] if spec["gguf_file"] else []),
@@ -829,6 +841,7 @@ def cli_options(
         *(["--train-limit", str(args.train_limit)] if args.train_limit else []),
         *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
         *METHODS[name].options,
+        *by_stage[stage],
     ]  # fmt: skip
 
 

@@ -206,6 +206,22 @@ def test_smoke_run_caches_runs_reports_and_reuses_them(tmp_path, monkeypatch):
         cs.main([*argv, "--max-length", "12"])
 
 
+def test_only_main_runs_measure_the_weights_and_cost_runs_only_train():
+    args, spec = cs.parse_args([]), {"data_dir": "/d", "model": "/m", "gguf_file": None}
+    from xgblora_fast.cli.main import build_parser
+
+    parsed = {
+        stage: build_parser().parse_args(
+            ["finetune", *cs.cli_options(XGB, 5e-3, 200, 0, args, spec, stage)]
+        )
+        for stage in ("main", "grid", "cost")
+    }
+    measured = {stage: options.measure_weight_change for stage, options in parsed.items()}
+    assert measured == {"main": True, "grid": False, "cost": False}
+    assert (parsed["grid"].eval_every, parsed["grid"].save_model) == (100, True)
+    assert (parsed["cost"].eval_every, parsed["cost"].save_model) == (0, False)
+
+
 def test_paired_differences_put_each_xgblora_method_against_the_baselines_and_its_parent():
     ortho, r8 = "XGBLoRA (orthogonal-gradient)", "LoRA r=8 (peft)"
     assert cs.METHODS[ortho].parent == XGB

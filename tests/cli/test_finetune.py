@@ -348,16 +348,20 @@ def test_autocast_runs_forward_passes_in_bfloat16_and_keeps_float32_weights(tiny
 
 def test_time_per_step_leaves_the_evaluations_out(tiny_folder, tmp_path, monkeypatch):
     """An injected clock: each evaluation takes 100 s, each training batch encoded 1 s."""
-    clock = [0.0]
+    clock, evaluating = [0.0], [False]
     evaluate, encode = finetune.evaluate, finetune.encode
 
     def evaluate_100s(*args):
         clock[0] += 100.0
-        return evaluate(*args)
+        evaluating[0] = True
+        try:
+            return evaluate(*args)
+        finally:
+            evaluating[0] = False
 
-    def encode_1s(tokenizer, rows, *args):
-        clock[0] += 1.0 if len(rows) == 16 else 0.0  # training batches (evaluate's own: no)
-        return encode(tokenizer, rows, *args)
+    def encode_1s(*args):
+        clock[0] += 0.0 if evaluating[0] else 1.0  # a training batch (evaluate's own: free)
+        return encode(*args)
 
     monkeypatch.setattr(finetune, "evaluate", evaluate_100s)
     monkeypatch.setattr(finetune, "encode", encode_1s)
