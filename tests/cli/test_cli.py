@@ -62,6 +62,7 @@ def test_missing_model_folder(capsys, common, tmp_path):
 def test_model_folder_without_config(capsys, common, tmp_path):
     (tmp_path / "empty").mkdir()
     user_error(capsys, [*common, "--model", str(tmp_path / "empty")], "no config.json")
+    assert not (tmp_path / "run").exists()
 
 
 def test_gguf_file_missing_or_without_a_model_folder(capsys, common, tmp_path):
@@ -76,6 +77,7 @@ def test_gguf_file_missing_or_without_a_model_folder(capsys, common, tmp_path):
 
 def test_missing_data_file(capsys, common, tmp_path):
     user_error(capsys, [*common, "--data", str(tmp_path / "nope.csv")], "--data", "nope.csv")
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_data_file(capsys, common, tmp_path):
@@ -83,6 +85,7 @@ def test_empty_data_file(capsys, common, tmp_path):
     user_error(capsys, [*common, "--data", str(tmp_path / "empty.csv")], "holds no rows")
     (tmp_path / "header.csv").write_text("text,label\n")  # a header but no rows
     user_error(capsys, [*common, "--data", str(tmp_path / "header.csv")], "holds no rows")
+    assert not (tmp_path / "run").exists()
 
 
 def test_unsupported_data_format(capsys, common, tmp_path):
@@ -94,6 +97,7 @@ def test_invalid_jsonl_line(capsys, common, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": \n')
     user_error(capsys, [*common, "--data", str(path)], "d.jsonl:2", "not valid JSON")
+    assert not (tmp_path / "run").exists()
 
 
 def test_wrong_text_column(capsys, common):
@@ -105,6 +109,7 @@ def test_missing_label_column(capsys, common, tmp_path):
     path = tmp_path / "texts.jsonl"
     path.write_text('{"text": "good"}\n{"text": "bad"}\n')
     user_error(capsys, [*common, "--data", str(path)], "--label-column", "'label'", "['text']")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_row_without_a_value(capsys, common, tmp_path):
