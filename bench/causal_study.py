@@ -662,7 +662,7 @@ def plot(budgets: dict[int, dict[str, list[dict]]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(budgets), figsize=(7 * len(budgets), 4.5), squeeze=False)
     for ax, (steps, methods) in zip(axes[0], budgets.items(), strict=True):
-        base = next(iter(methods.values()))[0]["curve"][0][1]
+        base = dict(next(iter(methods.values()))[0]["curve"])[0]  # the loss at step 0
         for name, method_runs in methods.items():
             curves = [[(s, v) for s, v in r["curve"] if s > 0] for r in method_runs]
             x = [s for s, _ in curves[0]]

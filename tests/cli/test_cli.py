@@ -116,18 +116,21 @@ def test_a_row_without_a_value(capsys, common, tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("text,label\ngood,pos\nbad\n")  # row 3 (line 3) lacks its label
     user_error(capsys, [*common, "--data", str(path)], "short.csv:3", "'label'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_single_class(capsys, common, tmp_path):
     path = tmp_path / "one.csv"
     path.write_text("text,label\ngood,pos\nbad,pos\ngood,pos\n")
     user_error(capsys, [*common, "--data", str(path)], "at least two classes")
+    assert not (tmp_path / "run").exists()
 
 
 def test_test_size_that_leaves_no_rows(capsys, common, tmp_path):
     path = tmp_path / "two.csv"
     path.write_text("text,label\ngood,pos\nbad,neg\n")
     user_error(capsys, [*common, "--data", str(path), "--test-size", "0.1"], "--test-size")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ --eval-data
@@ -151,6 +154,7 @@ def test_eval_data_is_the_test_set_and_test_size_is_not_used(tiny_folder, sentim
 def test_missing_eval_data_file(capsys, common, tmp_path):
     argv = [*common, "--eval-data", str(tmp_path / "test.csv")]
     user_error(capsys, argv, "--eval-data", "test.csv", "does not exist")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ --target-modules
@@ -170,10 +174,11 @@ def test_target_modules_means_what_peft_means():
 
 
 @pytest.mark.parametrize("method", ["xgblora", "lora"])
-def test_target_modules_matching_nothing_lists_names_that_exist(capsys, common, method):
+def test_target_modules_matching_nothing_lists_names_that_exist(capsys, common, method, tmp_path):
     argv = [*common, "--method", method, "--target-modules", "q_proj,v_proj"]
     # The error lists some of the tiny BERT's linear layers, from which to pick.
     user_error(capsys, argv, "--target-modules", "q_proj", "attention.self.query")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
