@@ -91,6 +91,7 @@ def test_empty_data_file(capsys, common, tmp_path):
 def test_unsupported_data_format(capsys, common, tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     user_error(capsys, [*common, "--data", str(tmp_path / "d.parquet")], "expected a .csv")
+    assert not (tmp_path / "run").exists()
 
 
 def test_invalid_jsonl_line(capsys, common, tmp_path):
@@ -184,8 +185,9 @@ def test_target_modules_matching_nothing_lists_names_that_exist(capsys, common, 
 @pytest.mark.parametrize(
     ("value", "needle"), [("q_proj(", "not a valid regex"), (" , ", "names no module")]
 )
-def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, value, needle):
+def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, tmp_path, value, needle):
     user_error(capsys, [*common, "--target-modules", value], "--target-modules", needle)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ invalid values
@@ -205,8 +207,9 @@ def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, value, ne
         (["--method", "lora", "--export-lora", "adapter"], ["--export-lora", "method='xgblora'"]),
     ],
 )
-def test_invalid_values(capsys, common, options, needles):
+def test_invalid_values(capsys, common, tmp_path, options, needles):
     user_error(capsys, [*common, *options], *needles)
+    assert not (tmp_path / "run").exists()
 
 
 def test_library_config_errors_stay_value_errors():
@@ -247,14 +250,21 @@ def test_resume_from_a_broken_checkpoint(capsys, common, tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "latest").write_text("checkpoint-000002")  # points at nothing complete
     user_error(capsys, [*common, "--resume"], "--resume", "incomplete", "drop --resume")
+    # The failed resume leaves the run folder as it found it: the pointer, nothing else.
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == [
+        Path("run/checkpoints"),
+        Path("run/checkpoints/latest"),
+    ]
+    assert (ckpt / "latest").read_text() == "checkpoint-000002"
 
 
 # ------------------------------------------------------------------ --method lora without peft
-def test_lora_without_peft_says_what_to_install(capsys, common, monkeypatch):
+def test_lora_without_peft_says_what_to_install(capsys, common, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     user_error(
         capsys, [*common, "--method", "lora"], "--method lora", 'pip install "xgblora-fast[peft]"'
     )
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ export-lora
@@ -262,6 +272,7 @@ def test_export_lora_from_a_missing_checkpoint(capsys, tmp_path):
     argv = ["export-lora", str(tmp_path / "runs" / "checkpoints"), str(tmp_path / "adapter")]
     user_error(capsys, argv, "xgblora-fast export-lora", "no checkpoint in", "--save-every")
     user_error(capsys, [*argv, "--rank", "0"], "--rank must be >= 1")
+    assert not (tmp_path / "adapter").exists()
 
 
 # ------------------------------------------------------------------ --debug and real bugs
@@ -368,8 +379,9 @@ def test_preset_paper_and_flags_over_it():
     assert cfg.xgblora.layers_per_round == 0.35 and cfg.xgblora.select == "uniform"
 
 
-def test_an_unknown_preset_is_a_user_error(capsys, common):
+def test_an_unknown_preset_is_a_user_error(capsys, common, tmp_path):
     user_error(capsys, [*common, "--preset", "lora"], "--preset", "invalid choice")
+    assert not (tmp_path / "run").exists()
 
 
 def test_flag_help_is_the_field_help_in_core_and_advanced_groups():
