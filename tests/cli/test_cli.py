@@ -1,4 +1,5 @@
-"""The CLI a user meets: every user error ends with one line on stderr and exit status 2.
+"""The CLI a user meets: every user error ends with one line on stderr and exit status 2, and
+writes nothing into --output.
 
 Each error case runs ``cli.main`` in-process (one runs ``python -m xgblora_fast.cli``); those that
 need a model use the tiny offline folders of ``offline_models`` and stop before any training.
@@ -37,9 +38,20 @@ def common(tiny_folder, sentiment_csv, tmp_path):
     ]
 
 
+def folder_state(path: Path) -> dict[Path, bytes | None] | None:
+    """Every file's bytes (``None`` for a folder) under ``path``; ``None`` if it does not exist."""
+    if not path.exists():
+        return None
+    return {p.relative_to(path): p.read_bytes() if p.is_file() else None for p in path.rglob("*")}
+
+
 def user_error(capsys, argv: list[str], *needles: str) -> str:
     """Run ``cli.main(argv)``: exit status 2 and exactly one line on stderr that names each of
-    ``needles``, no traceback. Returns that line."""
+    ``needles``, no traceback, and the ``--output`` folder (if given) left exactly as it was:
+    not created, nothing in it written. Returns that line."""
+    at = len(argv) - 1 - argv[::-1].index("--output") if "--output" in argv else None
+    output = Path(argv[at + 1]) if at is not None else None
+    before = folder_state(output) if output else None
     status = cli.main(argv)
     _, err = capsys.readouterr()
     assert status == 2, err
@@ -49,20 +61,34 @@ def user_error(capsys, argv: list[str], *needles: str) -> str:
     assert lines[0].startswith("xgblora-fast") and ": error: " in lines[0], lines[0]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    if output:
+        assert folder_state(output) == before, f"a failing command wrote into {output}"
     return lines[0]
+
+
+def test_user_error_fails_a_command_that_writes_into_its_output(capsys, common, monkeypatch):
+    """The helper's check that a failing command leaves ``--output`` alone can fail."""
+    output = Path(common[common.index("--output") + 1])
+
+    def writes_then_fails(argv):
+        output.mkdir()
+        print("xgblora-fast finetune: error: bad", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(cli, "main", writes_then_fails)
+    with pytest.raises(AssertionError, match="a failing command wrote into"):
+        user_error(capsys, common, "bad")
 
 
 # ------------------------------------------------------------------ model and data
 def test_missing_model_folder(capsys, common, tmp_path):
     argv = [*common, "--model", str(tmp_path / "no-such-model")]
     user_error(capsys, argv, "--model", "no-such-model", "does not exist")
-    assert not (tmp_path / "run").exists()  # nothing written for a command that fails
 
 
 def test_model_folder_without_config(capsys, common, tmp_path):
     (tmp_path / "empty").mkdir()
     user_error(capsys, [*common, "--model", str(tmp_path / "empty")], "no config.json")
-    assert not (tmp_path / "run").exists()
 
 
 def test_gguf_file_missing_or_without_a_model_folder(capsys, common, tmp_path):
@@ -72,12 +98,10 @@ def test_gguf_file_missing_or_without_a_model_folder(capsys, common, tmp_path):
     at = common.index("--model")
     no_model = common[:at] + common[at + 2 :]
     user_error(capsys, [*no_model, "--gguf-file", "x.gguf"], "--gguf-file needs --model")
-    assert not (tmp_path / "run").exists()
 
 
 def test_missing_data_file(capsys, common, tmp_path):
     user_error(capsys, [*common, "--data", str(tmp_path / "nope.csv")], "--data", "nope.csv")
-    assert not (tmp_path / "run").exists()
 
 
 def test_empty_data_file(capsys, common, tmp_path):
@@ -85,20 +109,17 @@ def test_empty_data_file(capsys, common, tmp_path):
     user_error(capsys, [*common, "--data", str(tmp_path / "empty.csv")], "holds no rows")
     (tmp_path / "header.csv").write_text("text,label\n")  # a header but no rows
     user_error(capsys, [*common, "--data", str(tmp_path / "header.csv")], "holds no rows")
-    assert not (tmp_path / "run").exists()
 
 
 def test_unsupported_data_format(capsys, common, tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     user_error(capsys, [*common, "--data", str(tmp_path / "d.parquet")], "expected a .csv")
-    assert not (tmp_path / "run").exists()
 
 
 def test_invalid_jsonl_line(capsys, common, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": \n')
     user_error(capsys, [*common, "--data", str(path)], "d.jsonl:2", "not valid JSON")
-    assert not (tmp_path / "run").exists()
 
 
 def test_wrong_text_column(capsys, common):
@@ -110,28 +131,24 @@ def test_missing_label_column(capsys, common, tmp_path):
     path = tmp_path / "texts.jsonl"
     path.write_text('{"text": "good"}\n{"text": "bad"}\n')
     user_error(capsys, [*common, "--data", str(path)], "--label-column", "'label'", "['text']")
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_row_without_a_value(capsys, common, tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("text,label\ngood,pos\nbad\n")  # row 3 (line 3) lacks its label
     user_error(capsys, [*common, "--data", str(path)], "short.csv:3", "'label'")
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_single_class(capsys, common, tmp_path):
     path = tmp_path / "one.csv"
     path.write_text("text,label\ngood,pos\nbad,pos\ngood,pos\n")
     user_error(capsys, [*common, "--data", str(path)], "at least two classes")
-    assert not (tmp_path / "run").exists()
 
 
 def test_test_size_that_leaves_no_rows(capsys, common, tmp_path):
     path = tmp_path / "two.csv"
     path.write_text("text,label\ngood,pos\nbad,neg\n")
     user_error(capsys, [*common, "--data", str(path), "--test-size", "0.1"], "--test-size")
-    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ --eval-data
@@ -155,7 +172,6 @@ def test_eval_data_is_the_test_set_and_test_size_is_not_used(tiny_folder, sentim
 def test_missing_eval_data_file(capsys, common, tmp_path):
     argv = [*common, "--eval-data", str(tmp_path / "test.csv")]
     user_error(capsys, argv, "--eval-data", "test.csv", "does not exist")
-    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ --target-modules
@@ -175,19 +191,17 @@ def test_target_modules_means_what_peft_means():
 
 
 @pytest.mark.parametrize("method", ["xgblora", "lora"])
-def test_target_modules_matching_nothing_lists_names_that_exist(capsys, common, method, tmp_path):
+def test_target_modules_matching_nothing_lists_names_that_exist(capsys, common, method):
     argv = [*common, "--method", method, "--target-modules", "q_proj,v_proj"]
     # The error lists some of the tiny BERT's linear layers, from which to pick.
     user_error(capsys, argv, "--target-modules", "q_proj", "attention.self.query")
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
     ("value", "needle"), [("q_proj(", "not a valid regex"), (" , ", "names no module")]
 )
-def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, tmp_path, value, needle):
+def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, value, needle):
     user_error(capsys, [*common, "--target-modules", value], "--target-modules", needle)
-    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ invalid values
@@ -207,9 +221,8 @@ def test_target_modules_that_are_not_a_list_or_a_regex(capsys, common, tmp_path,
         (["--method", "lora", "--export-lora", "adapter"], ["--export-lora", "method='xgblora'"]),
     ],
 )
-def test_invalid_values(capsys, common, tmp_path, options, needles):
+def test_invalid_values(capsys, common, options, needles):
     user_error(capsys, [*common, *options], *needles)
-    assert not (tmp_path / "run").exists()
 
 
 def test_library_config_errors_stay_value_errors():
@@ -250,21 +263,14 @@ def test_resume_from_a_broken_checkpoint(capsys, common, tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "latest").write_text("checkpoint-000002")  # points at nothing complete
     user_error(capsys, [*common, "--resume"], "--resume", "incomplete", "drop --resume")
-    # The failed resume leaves the run folder as it found it: the pointer, nothing else.
-    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == [
-        Path("run/checkpoints"),
-        Path("run/checkpoints/latest"),
-    ]
-    assert (ckpt / "latest").read_text() == "checkpoint-000002"
 
 
 # ------------------------------------------------------------------ --method lora without peft
-def test_lora_without_peft_says_what_to_install(capsys, common, tmp_path, monkeypatch):
+def test_lora_without_peft_says_what_to_install(capsys, common, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     user_error(
         capsys, [*common, "--method", "lora"], "--method lora", 'pip install "xgblora-fast[peft]"'
     )
-    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ export-lora
@@ -379,9 +385,8 @@ def test_preset_paper_and_flags_over_it():
     assert cfg.xgblora.layers_per_round == 0.35 and cfg.xgblora.select == "uniform"
 
 
-def test_an_unknown_preset_is_a_user_error(capsys, common, tmp_path):
+def test_an_unknown_preset_is_a_user_error(capsys, common):
     user_error(capsys, [*common, "--preset", "lora"], "--preset", "invalid choice")
-    assert not (tmp_path / "run").exists()
 
 
 def test_flag_help_is_the_field_help_in_core_and_advanced_groups():
